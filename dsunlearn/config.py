@@ -1,0 +1,253 @@
+"""Readable configs: dataclasses loaded from YAML, then `key=value` overrides from the CLI.
+
+Every field is typed; an unknown key, a value of the wrong type or an unreadable file is a
+`ConfigError` naming the key. Nested sections use dotted keys: `optim.lr=1e-4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from dsunlearn.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    """Which benchmark to use. `path=None` means the built-in generated benchmark."""
+
+    path: str | None = None  # local folder or hub id of an MLLMU-Bench-shaped benchmark
+    seed: int = 0  # built-in benchmark: generator seed
+    entities: int = 20  # built-in benchmark: number of fictitious people
+    forget_pct: int = 10  # share of entities in the forget split
+    root: str = "data"  # where built-in benchmarks are written
+
+    def resolved_path(self) -> str:
+        if self.path:
+            return self.path
+        return str(Path(self.root) / f"builtin-seed{self.seed}-e{self.entities}")
+
+
+@dataclass
+class ModelConfig:
+    """A built-in tiny model name, a hub id or a local HF folder."""
+
+    name: str = "tiny-llava"
+    dtype: str = "fp32"  # fp32 | bf16
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    batch_size: int = 4  # global batch: split evenly over ranks
+    steps: int = 0  # 0: one epoch over the forget split
+    epochs: int = 1
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32  # global; per rank = batch_size // world_size
+    max_items: int = 0  # cap per metric (0: all); keeps large retain sets quick
+    gen_max_new_tokens: int = 8
+
+
+@dataclass
+class MethodConfig:
+    """Hyper-parameters shared by the methods; each method reads the ones it needs."""
+
+    npo_beta: float = 0.4
+    kl_weight: float = 1.0
+    retain_weight: float = 1.0
+
+
+@dataclass
+class UnlearnConfig:
+    name: str = "unlearn"
+    methods: list[str] = field(default_factory=lambda: ["ga"])
+    vanilla: str | None = None  # model folder; None: the learned checkpoint for data+model
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: str = "configs/deepspeed/zero3_cpu.json"
+    out_dir: str = "runs"
+    seed: int = 0
+    log_every: int = 1
+
+
+@dataclass
+class LearnConfig:
+    """Fine-tune a vanilla model on every entity so that there is something to forget."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr=1e-3,
+            weight_decay=0.01,
+            betas=(0.9, 0.98),
+            grad_clip=1.0,
+            warmup_steps=50,
+            batch_size=32,
+            steps=3000,
+        )
+    )
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(batch_size=64))
+    deepspeed: str = "configs/deepspeed/zero3_cpu.json"
+    target_acc: float = 0.9
+    eval_every: int = 250
+    cache_dir: str | None = None  # None: $DSUNLEARN_CACHE, else ./checkpoints
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting the harmless cases (int to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}' cannot be null")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}' needs {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, key) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping; unknown keys are errors, missing ones take defaults."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge `a.b=value` strings into a nested mapping (values parsed as YAML scalars)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key '{part}' in '{item}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """Read YAML `path` (optional) into `cls`, then apply `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a config (or any JSON-able object)."""
+    if dataclasses.is_dataclass(obj):
+        obj = to_dict(obj)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]

@@ -1,0 +1,1 @@
+"""Benchmarks: the built-in generated one and loaders for the published schemas."""

@@ -1,0 +1,37 @@
+"""Packaging for dsunlearn: the `dsunlearn` package plus the `kernels` Triton ops."""
+
+from setuptools import find_packages, setup
+
+# Versions known to work together (torch 2.13.0 is installed first by the Makefile).
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "deepspeed==0.19.8",
+    "transformers==5.23.0",
+    "peft==0.21.2",
+    "datasets==5.2.0",
+    "pyarrow==26.0.1",
+    "triton==3.9.0",
+    "safetensors>=0.6",
+    "numpy>=1.26",
+    "pillow>=10.0",
+    "pyyaml>=6.0",
+    "rich>=13.0",
+    "matplotlib>=3.8",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff==0.17.6"],
+    "gpu": ["flash-attn>=2.6", "liger-kernel>=0.6"],
+}
+
+setup(
+    name="dsunlearn",
+    version="0.1.0",
+    description="Distributed visual-concept unlearning for multimodal LLMs on DeepSpeed ZeRO-3",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dsunlearn", "dsunlearn.*", "kernels", "kernels.*"]),
+    package_data={"dsunlearn": ["configs/*.yaml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["dsunlearn=dsunlearn.cli:main"]},
+)
