@@ -60,6 +60,7 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
+    enabled: bool = True
     batch_size: int = 32  # global; per rank = batch_size // world_size
     max_items: int = 0  # cap per metric (0: all); keeps large retain sets quick
     gen_max_new_tokens: int = 8

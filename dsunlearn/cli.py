@@ -1,0 +1,120 @@
+"""`dsunlearn` command line: data build, learn, unlearn, eval, demo.
+
+Input problems end with one line on stderr (`dsunlearn: error: ...`) and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dsunlearn.errors import DsunlearnError
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the env says the same."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            continue
+        if a in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsunlearn", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="benchmark data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser("build", help="write the built-in benchmark of fictitious people")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--entities", type=int, default=20)
+    build.add_argument("--forget-pct", type=int, default=10)
+
+    learn = sub.add_parser("learn", help="fine-tune the vanilla model on all entities (cached)")
+    learn.add_argument("--config", help="YAML LearnConfig")
+    learn.add_argument("--force", action="store_true", help="re-learn even if cached")
+    learn.add_argument("overrides", nargs="*", metavar="key=value")
+
+    un = sub.add_parser("unlearn", help="run unlearning methods and write the report")
+    un.add_argument("--config", required=True, help="YAML UnlearnConfig")
+    un.add_argument("overrides", nargs="*", metavar="key=value")
+
+    ev = sub.add_parser("eval", help="evaluate a model folder on a benchmark")
+    ev.add_argument("--model", required=True, help="HF model folder")
+    ev.add_argument("--data", required=True, help="benchmark folder or hub id")
+    ev.add_argument("--vanilla", help="optional vanilla model folder to compare against")
+    ev.add_argument("--forget-pct", type=int, default=10)
+    ev.add_argument("--out", default="runs/eval", help="report folder")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="EvalConfig overrides")
+
+    demo = sub.add_parser("demo", help="end-to-end demo on the built-in benchmark")
+    demo.add_argument("--config", help="YAML UnlearnConfig (default configs/demo.yaml)")
+    demo.add_argument("--ranks", type=int, default=2, help="ZeRO-3 ranks (default 2)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    from dsunlearn.config import (
+        DataConfig,
+        EvalConfig,
+        LearnConfig,
+        UnlearnConfig,
+        from_dict,
+        load_config,
+    )
+
+    if args.command == "data":
+        from dsunlearn.data.builtin import build_benchmark
+
+        out = build_benchmark(
+            args.out, seed=args.seed, entities=args.entities, forget_pct=args.forget_pct
+        )
+        print(f"benchmark written to {out}")
+    elif args.command == "learn":
+        from dsunlearn.recipes.learn import run_learn
+
+        cfg = load_config(LearnConfig, args.config, args.overrides)
+        print(f"vanilla model: {run_learn(cfg, force=args.force)}")
+    elif args.command == "unlearn":
+        from dsunlearn.recipes.unlearn import run_unlearn
+
+        run_unlearn(load_config(UnlearnConfig, args.config, args.overrides))
+    elif args.command == "eval":
+        from dsunlearn.config import apply_overrides
+        from dsunlearn.recipes.evaluate_model import run_eval
+
+        eval_cfg = from_dict(EvalConfig, apply_overrides({}, args.overrides))
+        data = DataConfig(path=args.data, forget_pct=args.forget_pct)
+        run_eval(args.model, data, eval_cfg, args.out, vanilla_dir=args.vanilla)
+    elif args.command == "demo":
+        from dsunlearn.recipes.demo import run_demo
+
+        run_demo(args.config, args.overrides, args.ranks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except DsunlearnError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dsunlearn: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Distributed engine: process group set-up, DeepSpeed configs and ZeRO-3 engines."""

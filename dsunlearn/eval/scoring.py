@@ -1,0 +1,97 @@
+"""Model scoring that every rank takes part in, so it works on ZeRO-3 sharded weights.
+
+Items are split over ranks; each rank runs the same number of forward passes (short ranks
+repeat item 0 and drop the result), because under ZeRO-3 each forward gathers parameters
+collectively. Results are summed over ranks so every rank ends with the full answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dsunlearn.engine.batches import shard_for_rank
+from dsunlearn.engine.dist import DistInfo, all_reduce_sum
+from dsunlearn.methods.base import example_ce, logits_of
+from dsunlearn.models.encode import encode_for_generation, encode_for_loss
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def score_multiple_choice(
+    model: Any, processor: Any, items: Sequence[Any], per_rank_batch: int, info: DistInfo
+) -> list[bool]:
+    """For each question, pick the option with the highest mean token log-likelihood.
+
+    The mean (not the sum) keeps options of different lengths comparable.
+    """
+    n = len(items)
+    correct = torch.zeros(n, dtype=torch.float64)
+    seen = torch.zeros(n, dtype=torch.float64)
+    for idxs in shard_for_rank(n, per_rank_batch, info.rank, info.world_size):
+        real = [i if i >= 0 else 0 for i in idxs]
+        qs, ims, opts, counts = [], [], [], []
+        for i in real:
+            it = items[i]
+            counts.append(len(it.options))
+            for opt in it.options:
+                qs.append(it.question)
+                ims.append(it.image)
+                opts.append(opt)
+        batch = to_device(encode_for_loss(processor, qs, ims, opts), info.device)
+        scores = -example_ce(logits_of(model, batch), batch["labels"]).cpu()
+        for i, chunk in zip(idxs, torch.split(scores, counts), strict=True):
+            if i >= 0:
+                correct[i] = float(int(chunk.argmax()) == items[i].answer_index)
+                seen[i] = 1.0
+    correct, seen = all_reduce_sum(correct), all_reduce_sum(seen)
+    assert bool((seen == 1).all()), "every item must be scored exactly once"
+    return [bool(c) for c in correct.tolist()]
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    items: Sequence[Any],
+    per_rank_batch: int,
+    max_new_tokens: int,
+    info: DistInfo,
+    zero3: bool,
+) -> list[str]:
+    """Greedy answers for every item, gathered to all ranks in item order."""
+    import torch.distributed as dist
+
+    tok = getattr(processor, "tokenizer", processor)
+    local: dict[int, str] = {}
+    for idxs in shard_for_rank(len(items), per_rank_batch, info.rank, info.world_size):
+        real = [i if i >= 0 else 0 for i in idxs]
+        batch = encode_for_generation(
+            processor, [items[i].question for i in real], [items[i].image for i in real]
+        )
+        batch = to_device(batch, info.device)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            # Under ZeRO-3 a rank that finished early must keep joining the gathers.
+            synced_gpus=zero3 and info.world_size > 1,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        new = out[:, batch["input_ids"].shape[1] :]
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        for i, t in zip(idxs, texts, strict=True):
+            if i >= 0:
+                local[i] = t.strip()
+    if info.world_size > 1:
+        parts: list[dict[int, str]] = [{} for _ in range(info.world_size)]
+        dist.all_gather_object(parts, local)
+        for p in parts:
+            local.update(p)
+    return [local[i] for i in range(len(items))]

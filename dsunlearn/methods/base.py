@@ -1,0 +1,109 @@
+"""The interface every unlearning method implements, and the shared loss pieces.
+
+A method turns a forget batch (and, if it wants them, a retain batch and the frozen reference
+model) into losses. The recipe owns the loop: one optimizer step on `forget_loss`, then, for
+methods with `uses_retain`, a separate optimizer step on `retain_loss`, as in the papers.
+
+Losses are per-example means averaged over the batch, so a global batch split over N ranks
+gives the same gradient as the whole batch on one rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from dsunlearn.config import MethodConfig
+from dsunlearn.errors import MethodError
+
+Batch = dict[str, torch.Tensor]
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise RuntimeError(f"method '{name}' registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def build_method(name: str, cfg: MethodConfig) -> Method:
+    if name not in METHODS:
+        known = ", ".join(sorted(METHODS))
+        raise MethodError(f"unknown method '{name}' (known: {known})")
+    return METHODS[name](cfg)
+
+
+def logits_of(model: Callable[..., Any], batch: Batch) -> torch.Tensor:
+    """Forward without labels (we compute our own per-example losses); fp32 logits."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits.float()
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts token t+1; returns (logits[:, :-1], targets, mask)."""
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL [B, T-1] and the answer-token mask."""
+    lg, tgt = _shifted(logits, labels)
+    mask = tgt != -100
+    nll = F.cross_entropy(
+        lg.reshape(-1, lg.size(-1)), tgt.clamp(min=0).reshape(-1), reduction="none"
+    ).view_as(tgt)
+    return nll * mask, mask
+
+
+def example_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of each example's answer: [B]."""
+    nll, mask = token_nll(logits, labels)
+    return nll.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def example_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each example's whole answer: [B]."""
+    nll, _ = token_nll(logits, labels)
+    return nll.sum(1)
+
+
+def example_kl(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p_theta) per answer token, averaged per example: [B]."""
+    lg, tgt = _shifted(logits, labels)
+    rlg, _ = _shifted(ref_logits, labels)
+    mask = tgt != -100
+    logq = F.log_softmax(lg, dim=-1)
+    logp = F.log_softmax(rlg, dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1) * mask
+    return kl.sum(1) / mask.sum(1).clamp(min=1)
+
+
+class Method:
+    """Base class. Subclasses set the class flags and implement the losses they use."""
+
+    name: ClassVar[str] = ""
+    uses_retain: ClassVar[bool] = False  # take a retain step after every forget step
+    uses_reference: ClassVar[bool] = False  # needs the frozen vanilla model
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        self.cfg = cfg
+
+    def forget_loss(self, model: Callable[..., Any], batch: Batch, ref: Any | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def retain_loss(self, model: Callable[..., Any], batch: Batch, ref: Any | None) -> torch.Tensor:
+        raise NotImplementedError(f"method '{self.name}' takes no retain step")
+
+    @staticmethod
+    def reference_logits(ref: Any, batch: Batch) -> torch.Tensor:
+        if ref is None:
+            raise MethodError("this method needs the frozen reference model")
+        with torch.no_grad():
+            return logits_of(ref, batch)

@@ -1,0 +1,1 @@
+"""Recipes: small, readable top-to-bottom programs over the components (torchtune style)."""

@@ -1,0 +1,106 @@
+"""Learn stage: teach a vanilla model every entity, so that there is something to unlearn.
+
+Trains on the image questions (every training image) and the text questions of ALL entities
+until every multiple-choice accuracy (forget/retain VQA, held-out-image VQA, text QA) reaches
+`target_acc`, then saves the model and processor to the cache, keyed by data seed and config.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dsunlearn.cache import META_FILE, is_complete, vanilla_dir, vanilla_key
+from dsunlearn.config import LearnConfig, to_dict
+from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
+from dsunlearn.engine.batches import global_batches
+from dsunlearn.engine.dist import get_logger, init_distributed
+from dsunlearn.engine.engine import build_train_engine, optimizer_step
+from dsunlearn.eval.evaluate import build_eval_sets, evaluate
+from dsunlearn.fsutil import atomic_dir, write_json_atomic
+from dsunlearn.methods.base import example_ce, logits_of
+from dsunlearn.models.loader import load_model_and_processor, save_model_and_processor
+from dsunlearn.recipes.common import (
+    deepspeed_config,
+    encode_examples,
+    full_state_dict,
+    is_zero3,
+    model_dtype,
+    prepare_benchmark,
+)
+
+
+def run_learn(cfg: LearnConfig, force: bool = False) -> Path:
+    info = init_distributed()
+    log = get_logger()
+    out_dir = vanilla_dir(cfg)
+    if is_complete(out_dir) and not force:
+        log.info(f"vanilla model cached: {out_dir}")
+        return out_dir
+
+    t0 = time.time()
+    bench = prepare_benchmark(cfg.data, info)
+    ds = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.model, info)
+    zero3 = is_zero3(ds)
+    model, processor = load_model_and_processor(
+        cfg.model.name, dtype=model_dtype(cfg.model), ds_config=ds, seed=cfg.seed
+    )
+    engine = build_train_engine(model, cfg.optim, ds)
+
+    records = bench.forget + bench.retain
+    train = vqa_train_examples(records) + text_qa_examples(records)
+    stream = global_batches(train, cfg.optim.batch_size, info.rank, info.world_size, cfg.seed)
+    sets = build_eval_sets(bench, cfg.eval, cfg.seed)
+    log.info(
+        f"learn: {len(train)} examples, {len(records)} entities, world size {info.world_size}, "
+        f"up to {cfg.optim.steps} steps -> {out_dir}"
+    )
+    random.seed(cfg.seed)
+
+    history: list[dict] = []
+    metrics: dict[str, float] = {}
+    bar = tqdm(range(1, cfg.optim.steps + 1), desc="learn", disable=not info.is_main)
+    step = 0
+    for step in bar:
+        batch = encode_examples(processor, next(stream), info.device)
+        loss = example_ce(logits_of(engine, batch), batch["labels"]).mean()
+        optimizer_step(engine, loss, f"learn step {step}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.eval_every == 0 or step == cfg.optim.steps:
+            metrics = evaluate(
+                engine.module, processor, sets, cfg.eval, info, zero3, include_generation=False
+            )
+            history.append({"step": step, "loss": loss.item(), **metrics})
+            log.info(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+            if min(metrics.values()) >= cfg.target_acc:
+                break
+    bar.close()
+
+    final = evaluate(engine.module, processor, sets, cfg.eval, info, zero3)
+    reached = min(v for k, v in final.items() if k.endswith("_acc")) >= cfg.target_acc
+    state = full_state_dict(engine.module, zero3)
+    if info.is_main:
+        with atomic_dir(out_dir) as tmp:
+            save_model_and_processor(engine.module, processor, tmp, state_dict=state)
+            write_json_atomic(
+                Path(tmp) / META_FILE,
+                {
+                    "key": vanilla_key(cfg),
+                    "steps": step,
+                    "elapsed_s": round(time.time() - t0, 1),
+                    "world_size": info.world_size,
+                    "reached_target": reached,
+                    "metrics": final,
+                    "history": history,
+                    "config": to_dict(cfg),
+                },
+            )
+        msg = "reached" if reached else "did NOT reach"
+        log.info(f"learn: {msg} target {cfg.target_acc} after {step} steps; saved {out_dir}")
+    from dsunlearn.engine.dist import barrier
+
+    barrier()
+    return out_dir

@@ -1,0 +1,144 @@
+"""Unlearn recipe: evaluate the vanilla model, then for each method train and evaluate.
+
+Per method, read top to bottom:
+  1. load the vanilla weights into a fresh ZeRO-3 training engine;
+  2. for each iteration: a forget step (loss, backward, step), then, if the method has one, a
+     retain step; the frozen reference engine (shared by all methods) feeds KL and NPO;
+  3. evaluate on all ranks and add the metrics to the report.
+The report (json, md, png) and the per-step losses are written at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dsunlearn.cache import is_complete, vanilla_dir
+from dsunlearn.config import LearnConfig, UnlearnConfig, to_dict
+from dsunlearn.data.examples import vqa_train_examples
+from dsunlearn.engine.batches import global_batches
+from dsunlearn.engine.dist import all_reduce_sum, get_logger, init_distributed
+from dsunlearn.engine.engine import build_reference_engine, build_train_engine, optimizer_step
+from dsunlearn.errors import DataError, ModelError
+from dsunlearn.eval.evaluate import CHANCE, build_eval_sets, evaluate
+from dsunlearn.fsutil import write_json_atomic
+from dsunlearn.methods import build_method
+from dsunlearn.models.loader import load_model_and_processor
+from dsunlearn.recipes.common import (
+    deepspeed_config,
+    encode_examples,
+    is_zero3,
+    model_dtype,
+    prepare_benchmark,
+)
+from dsunlearn.report import write_report
+
+
+def resolve_vanilla(cfg: UnlearnConfig) -> str:
+    """The model to unlearn: `vanilla` if given, else the learned model for this data + model."""
+    if cfg.vanilla:
+        return cfg.vanilla
+    learn = LearnConfig(data=cfg.data, model=cfg.model)
+    path = vanilla_dir(learn)
+    if not is_complete(path):
+        raise ModelError(
+            f"no learned vanilla model at {path}: run `dsunlearn learn` with the same data "
+            "and model settings first, or set vanilla=DIR"
+        )
+    return str(path)
+
+
+def _mean_over_ranks(x: torch.Tensor, world: int) -> float:
+    return float(all_reduce_sum(x.detach().float().reshape(1)).item() / world)
+
+
+def run_unlearn(cfg: UnlearnConfig) -> Path:
+    t0 = time.time()
+    info = init_distributed()
+    log = get_logger()
+    methods = [build_method(name, cfg.method) for name in cfg.methods]  # fail fast on a typo
+    bench = prepare_benchmark(cfg.data, info)
+    vanilla = resolve_vanilla(cfg)
+    ds = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.model, info)
+    zero3 = is_zero3(ds)
+    dtype = model_dtype(cfg.model)
+    run_dir = Path(cfg.out_dir) / cfg.name
+
+    forget_train = vqa_train_examples(bench.forget)
+    retain_train = vqa_train_examples(bench.retain)
+    if not forget_train:
+        raise DataError(f"the forget split of {cfg.data.resolved_path()} has no training VQA")
+    B = cfg.optim.batch_size
+    steps = cfg.optim.steps or math.ceil(len(forget_train) * cfg.optim.epochs / B)
+    sets = build_eval_sets(bench, cfg.eval, cfg.seed)
+    log.info(
+        f"unlearn '{cfg.name}': methods {cfg.methods}, world size {info.world_size}, "
+        f"ZeRO stage {ds['zero_optimization']['stage'] if 'zero_optimization' in ds else 0}, "
+        f"{len(forget_train)} forget / {len(retain_train)} retain examples, {steps} steps"
+    )
+
+    # The frozen reference: vanilla weights, sharded like the trained model.
+    ref_model, processor = load_model_and_processor(vanilla, dtype=dtype, ds_config=ds)
+    ref = build_reference_engine(ref_model, ds)
+    vanilla_metrics = (
+        evaluate(ref.module, processor, sets, cfg.eval, info, zero3) if cfg.eval.enabled else {}
+    )
+    log.info("vanilla: " + ", ".join(f"{k}={v:.3f}" for k, v in vanilla_metrics.items()))
+
+    results: dict[str, dict[str, float]] = {}
+    losses: dict[str, list[dict[str, float]]] = {}
+    for method in methods:
+        model, _ = load_model_and_processor(vanilla, dtype=dtype, ds_config=ds, seed=cfg.seed)
+        engine = build_train_engine(model, cfg.optim, ds)
+        engine.train()
+        f_stream = global_batches(forget_train, B, info.rank, info.world_size, cfg.seed)
+        r_stream = global_batches(retain_train, B, info.rank, info.world_size, cfg.seed + 1)
+        curve: list[dict[str, float]] = []
+        bar = tqdm(range(1, steps + 1), desc=method.name, disable=not info.is_main)
+        for step in bar:
+            row: dict[str, float] = {"step": step}
+            batch = encode_examples(processor, next(f_stream), info.device)
+            loss = method.forget_loss(engine, batch, ref)
+            optimizer_step(engine, loss, f"{method.name} forget step {step}")
+            row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
+            if method.uses_retain:
+                batch = encode_examples(processor, next(r_stream), info.device)
+                loss = method.retain_loss(engine, batch, ref)
+                optimizer_step(engine, loss, f"{method.name} retain step {step}")
+                row["retain_loss"] = _mean_over_ranks(loss, info.world_size)
+            curve.append(row)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "step"})
+        bar.close()
+        losses[method.name] = curve
+        if cfg.eval.enabled:
+            results[method.name] = evaluate(engine.module, processor, sets, cfg.eval, info, zero3)
+            log.info(
+                f"{method.name}: "
+                + ", ".join(f"{k}={v:.3f}" for k, v in results[method.name].items())
+            )
+        else:
+            results[method.name] = {}
+        del engine, model
+        gc.collect()
+
+    report = {
+        "vanilla": vanilla_metrics,
+        "methods": results,
+        "chance": CHANCE,
+        "world_size": info.world_size,
+        "elapsed_s": round(time.time() - t0, 2),
+    }
+    if info.is_main:
+        write_json_atomic(run_dir / "losses.json", losses)
+        write_json_atomic(run_dir / "config.json", to_dict(cfg))
+        path = write_report(run_dir, report, title=f"dsunlearn: {cfg.name}")
+        log.info(f"report: {path} ({report['elapsed_s']:.1f} s)")
+    from dsunlearn.engine.dist import barrier
+
+    barrier()
+    return run_dir / "report.json"
