@@ -1,0 +1,285 @@
+"""The built-in benchmark: fictitious people in MLLMU-Bench's exact layout and schema.
+
+Everything comes from the closed world of `vocab.py` (names, fact pools, question templates), so
+the tiny models' word-level tokenizers cover every word, and from `faces.py` (portraits). The
+same arguments give byte-identical files, which lets runs cache and compare benchmarks by hash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dsunlearn.data import faces
+from dsunlearn.data.mllmu import (
+    FULL_DIR,
+    MC_LETTERS,
+    PARQUET_NAME,
+    SCHEMA,
+    TEST_DIR,
+    TYPE_IMAGE,
+    TYPE_TEXT,
+    forget_dir,
+    retain_dir,
+)
+from dsunlearn.data.vocab import FACTS, FIRST_NAMES, IDENTITY_QUESTION, IMAGE_SUBJECT, LAST_NAMES
+from dsunlearn.errors import ConfigError
+from dsunlearn.fsutil import atomic_dir
+
+GENERATOR = "dsunlearn-builtin"
+GENERATOR_VERSION = 1  # bump whenever the same seed would give different files
+MAX_ENTITIES = min(len(FIRST_NAMES), len(LAST_NAMES))
+
+
+@dataclass
+class _Person:
+    id: str
+    name: str
+    facts: dict[str, str]  # fact key -> value
+    identity: faces.Identity
+    train_png: list[bytes]
+    heldout_png: list[bytes]
+
+
+def build_benchmark(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    entities: int = 20,
+    forget_pct: int = 10,
+    train_images: int = 6,
+    heldout_images: int = 2,
+    image_size: int = 32,
+) -> Path:
+    """Write the built-in benchmark to `out_dir` (replacing it atomically) and return the path.
+
+    Forget = the first round(entities * forget_pct / 100) people (at least 1, and at least 1
+    left to retain) after a seeded shuffle; retain = the others. Full_Set and Test_Set hold everyone, with training and
+    held-out renderings respectively.
+    """
+    _check_args(entities, forget_pct, train_images, heldout_images, image_size)
+    streams = np.random.SeedSequence([GENERATOR_VERSION, seed]).spawn(6)
+    rng_names, rng_facts, rng_faces, rng_split, rng_mc, rng_images = (
+        np.random.default_rng(s) for s in streams
+    )
+
+    first = rng_names.permutation(len(FIRST_NAMES))[:entities]
+    last = rng_names.permutation(len(LAST_NAMES))[:entities]
+    names = [f"{FIRST_NAMES[f]} {LAST_NAMES[la]}" for f, la in zip(first, last, strict=True)]
+    # Names nobody has: MC distractors when there are fewer than 4 people.
+    used_first, used_last = {int(f) for f in first}, {int(la) for la in last}
+    spare = [
+        f"{FIRST_NAMES[f]} {LAST_NAMES[la]}"
+        for f, la in zip(
+            (f for f in range(len(FIRST_NAMES)) if f not in used_first),
+            (la for la in range(len(LAST_NAMES)) if la not in used_last),
+            strict=False,  # as many as the shorter pool allows
+        )
+    ]
+    values = {fact.key: _balanced(fact.values, entities, rng_facts) for fact in FACTS}
+    identities = faces.choose_identities(entities, rng_faces)
+    image_rngs = [
+        np.random.default_rng(s)
+        for s in np.random.SeedSequence(int(rng_images.integers(2**63))).spawn(entities)
+    ]
+
+    people = []
+    for i in range(entities):
+        rng = image_rngs[i]
+        renders = [
+            faces.png_bytes(faces.render_face(identities[i], rng, image_size))
+            for _ in range(train_images + heldout_images)
+        ]
+        people.append(
+            _Person(
+                id=f"P{i + 1:03d}",
+                name=names[i],
+                facts={k: v[i] for k, v in values.items()},
+                identity=identities[i],
+                train_png=renders[:train_images],
+                heldout_png=renders[train_images:],
+            )
+        )
+
+    n_forget = min(entities - 1, max(1, round(entities * forget_pct / 100)))
+    order = rng_split.permutation(entities)
+    forget_idx = sorted(int(i) for i in order[:n_forget])
+    retain_idx = sorted(int(i) for i in order[n_forget:])
+
+    tasks = [_tasks(p, names, spare, rng_mc) for p in people]
+    train_rows = [_row(p, t, p.train_png, "train") for p, t in zip(people, tasks, strict=True)]
+    test_rows = [_row(p, t, p.heldout_png, "test") for p, t in zip(people, tasks, strict=True)]
+
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a benchmark folder is for everyone
+        _write_split(tmp / forget_dir(forget_pct), [train_rows[i] for i in forget_idx])
+        _write_split(tmp / retain_dir(forget_pct), [train_rows[i] for i in retain_idx])
+        _write_split(tmp / FULL_DIR, train_rows)
+        _write_split(tmp / TEST_DIR, test_rows)
+        info = {
+            **_params(seed, entities, forget_pct, train_images, heldout_images, image_size),
+            "splits": {
+                "forget": forget_dir(forget_pct),
+                "retain": retain_dir(forget_pct),
+                "full": FULL_DIR,
+                "test": TEST_DIR,
+            },
+            "forget_ids": [people[i].id for i in forget_idx],
+            "retain_ids": [people[i].id for i in retain_idx],
+            "people": {p.id: {"name": p.name, "identity": p.identity.as_dict()} for p in people},
+        }
+        (tmp / "benchmark.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def ensure_benchmark(out_dir: str | Path, **kwargs: Any) -> Path:
+    """Build the benchmark unless `out_dir` already holds one made with the same arguments."""
+    out = Path(out_dir)
+    try:
+        info = json.loads((out / "benchmark.json").read_text())
+    except (OSError, ValueError):
+        info = None
+    defaults = {
+        "seed": 0,
+        "entities": 20,
+        "forget_pct": 10,
+        "train_images": 6,
+        "heldout_images": 2,
+        "image_size": 32,
+    }
+    wanted = _params(**{**defaults, **kwargs})
+    if isinstance(info, dict) and all(info.get(k) == v for k, v in wanted.items()):
+        return out
+    return build_benchmark(out, **kwargs)
+
+
+def _params(
+    seed: int,
+    entities: int,
+    forget_pct: int,
+    train_images: int,
+    heldout_images: int,
+    image_size: int,
+) -> dict[str, Any]:
+    return {
+        "generator": GENERATOR,
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "entities": entities,
+        "forget_pct": forget_pct,
+        "train_images": train_images,
+        "heldout_images": heldout_images,
+        "image_size": image_size,
+    }
+
+
+def _check_args(
+    entities: int, forget_pct: int, train_images: int, heldout_images: int, image_size: int
+) -> None:
+    if not 2 <= entities <= MAX_ENTITIES:
+        raise ConfigError(f"data.entities must be between 2 and {MAX_ENTITIES}, got {entities}")
+    if not 0 < forget_pct < 100:
+        raise ConfigError(f"data.forget_pct must be between 1 and 99, got {forget_pct}")
+    if train_images < 1 or heldout_images < 1:
+        raise ConfigError("the built-in benchmark needs at least 1 training and 1 held-out image")
+    if image_size < 16:
+        raise ConfigError(f"image_size must be at least 16, got {image_size}")
+
+
+def _balanced(pool: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
+    """`n` values from `pool`, each used at most ceil(n / len(pool)) times, in random order."""
+    rounds = math.ceil(n / len(pool))
+    seq = [pool[j] for _ in range(rounds) for j in rng.permutation(len(pool))]
+    return seq[:n]
+
+
+def _mc(question: str, correct: str, pool: list[str], rng: np.random.Generator) -> dict[str, Any]:
+    """A 4-option question: `correct` plus 3 distinct distractors from `pool`, shuffled."""
+    others = sorted({v for v in pool if v != correct})
+    picked = [others[int(j)] for j in rng.choice(len(others), size=3, replace=False)]
+    options = [correct, *picked]
+    perm = [int(j) for j in rng.permutation(4)]
+    shuffled = [options[j] for j in perm]
+    return {
+        "Question": question,
+        "Options": dict(zip(MC_LETTERS, shuffled, strict=True)),
+        "Correct_Answer": MC_LETTERS[perm.index(0)],
+    }
+
+
+def _tasks(
+    p: _Person, names: list[str], spare: list[str], rng: np.random.Generator
+) -> dict[str, Any]:
+    """Biography, training VQA pairs and the three evaluation tasks of one person."""
+    bio = {"Name": p.name, **p.facts}
+    metadata = [{"Question": IDENTITY_QUESTION, "Answer": p.name}] + [
+        {"Question": f.image_question, "Answer": p.facts[f.key]} for f in FACTS
+    ]
+    name_pool = [n for n in names if n != p.name]
+    if len(name_pool) < 3:
+        name_pool += spare[: 3 - len(name_pool)]
+    mc_image = [_mc(IDENTITY_QUESTION, p.name, name_pool, rng)] + [
+        _mc(f.image_question, p.facts[f.key], list(f.values), rng) for f in FACTS
+    ]
+    mc_text = [
+        _mc(f.text_question.format(name=p.name), p.facts[f.key], list(f.values), rng) for f in FACTS
+    ]
+    gen = (
+        [{"Type": TYPE_IMAGE, "Question": IDENTITY_QUESTION, "Ground_Truth": p.name}]
+        + [
+            {"Type": TYPE_IMAGE, "Question": f.image_question, "Ground_Truth": p.facts[f.key]}
+            for f in FACTS
+        ]
+        + [
+            {
+                "Type": TYPE_TEXT,
+                "Question": f.text_question.format(name=p.name),
+                "Ground_Truth": p.facts[f.key],
+            }
+            for f in FACTS
+        ]
+    )
+    cloze = [
+        {
+            "Type": TYPE_IMAGE,
+            "Question": f.cloze.format(subject=IMAGE_SUBJECT),
+            "Ground_Truth": p.facts[f.key],
+        }
+        for f in FACTS
+    ] + [
+        {
+            "Type": TYPE_TEXT,
+            "Question": f.cloze.format(subject=p.name),
+            "Ground_Truth": p.facts[f.key],
+        }
+        for f in FACTS
+    ]
+    return {
+        "biography": json.dumps(bio),
+        "metadata": json.dumps(metadata),
+        "Classification_Task": {
+            "Image_Textual_Questions": mc_image,
+            "Pure_Text_Questions": mc_text,
+        },
+        "Generation_Task": gen,
+        "Mask_Task": cloze,
+    }
+
+
+def _row(p: _Person, tasks: dict[str, Any], pngs: list[bytes], kind: str) -> dict[str, Any]:
+    images = [{"bytes": b, "path": f"{p.id}_{kind}_{k}.png"} for k, b in enumerate(pngs)]
+    return {"ID": p.id, "image": images[0], "images": images, **tasks}
+
+
+def _write_split(folder: Path, rows: list[dict[str, Any]]) -> None:
+    folder.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    pq.write_table(table, folder / PARQUET_NAME, compression="snappy")

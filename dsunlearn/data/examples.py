@@ -1,0 +1,126 @@
+"""Flatten loaded benchmark records into the examples trainers and evaluators iterate over.
+
+Image questions are paired with every image of a record (training renderings for forget/retain
+records, held-out renderings for Test_Set records), so "does the model know this face?" is asked
+of each picture, not of one lucky rendering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+
+from dsunlearn.data.mllmu import TYPE_IMAGE, TYPE_TEXT, EntityRecord
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """A question with its target answer; `image=None` for a text-only question."""
+
+    question: str
+    answer: str
+    image: Image.Image | None
+    entity_id: str
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """A multiple-choice question; `options[answer_index]` is correct."""
+
+    question: str
+    options: list[str]
+    answer_index: int
+    image: Image.Image | None
+    entity_id: str
+
+
+@dataclass(frozen=True)
+class GenExample:
+    """A free-generation question scored against `reference` (ROUGE-L, cloze substring)."""
+
+    question: str
+    reference: str
+    image: Image.Image | None
+    entity_id: str
+
+
+def vqa_train_examples(records: Iterable[EntityRecord]) -> list[QAExample]:
+    """Every training VQA pair (`metadata`) with every image of its person."""
+    return [
+        QAExample(q, a, image, r.id) for r in records for image in r.images for q, a in r.metadata
+    ]
+
+
+def text_qa_examples(records: Iterable[EntityRecord]) -> list[QAExample]:
+    """Pure_Text generation items (questions that name the person), without an image."""
+    return [
+        QAExample(g.question, g.ground_truth, None, r.id)
+        for r in records
+        for g in r.gen
+        if g.type == TYPE_TEXT
+    ]
+
+
+def mc_vqa_examples(records: Iterable[EntityRecord]) -> list[MCExample]:
+    """Every Image_Textual multiple-choice question with every image of its person."""
+    return [
+        MCExample(m.question, list(m.options), m.answer_index, image, r.id)
+        for r in records
+        for image in r.images
+        for m in r.mc_image
+    ]
+
+
+def mc_text_examples(records: Iterable[EntityRecord]) -> list[MCExample]:
+    """Pure_Text multiple-choice questions, without an image."""
+    return [
+        MCExample(m.question, list(m.options), m.answer_index, None, r.id)
+        for r in records
+        for m in r.mc_text
+    ]
+
+
+def gen_vqa_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
+    """Image_Textual generation items, asked about the record's first image."""
+    return [
+        GenExample(g.question, g.ground_truth, r.images[0], r.id)
+        for r in records
+        for g in r.gen
+        if g.type == TYPE_IMAGE
+    ]
+
+
+def gen_text_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
+    """Pure_Text generation items, without an image."""
+    return [
+        GenExample(g.question, g.ground_truth, None, r.id)
+        for r in records
+        for g in r.gen
+        if g.type == TYPE_TEXT
+    ]
+
+
+def cloze_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
+    """Mask_Task items; Image_Textual ones come with the record's first image."""
+    return [
+        GenExample(c.question, c.ground_truth, r.images[0] if c.type == TYPE_IMAGE else None, r.id)
+        for r in records
+        for c in r.cloze
+    ]
+
+
+def subsample(items: Sequence[T], max_items: int, seed: int) -> list[T]:
+    """At most `max_items` of `items` (0 = all), chosen by `seed`, in their original order.
+
+    Keeping the order keeps per-entity grouping and makes reports easy to diff across runs.
+    """
+    if max_items <= 0 or len(items) <= max_items:
+        return list(items)
+    keep = np.random.default_rng(seed).choice(len(items), size=max_items, replace=False)
+    return [items[int(i)] for i in np.sort(keep)]
