@@ -19,7 +19,7 @@ FIRST_NAMES: tuple[str, ...] = (
     "Osric", "Perrin", "Roswen", "Sabine", "Torvald", "Ursa", "Valen", "Wren",
     "Ysolde", "Zarek", "Aurek", "Brannoc", "Calla", "Desmond", "Edda", "Fiorel",
     "Gwyra", "Hollis", "Ivo", "Jessamy", "Kerensa", "Leif", "Mireth", "Noor",
-)
+)  # fmt: skip
 LAST_NAMES: tuple[str, ...] = (
     "Quinby", "Ashgrove", "Belmaine", "Corrigan", "Dunvale", "Everholt", "Fairwick",
     "Graystone", "Hallorann", "Ironwood", "Jarrow", "Kettleby", "Larchmont", "Merrivale",

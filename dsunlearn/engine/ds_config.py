@@ -22,7 +22,9 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {p} is not valid JSON: {e.msg} at line {e.lineno}")
+        raise ConfigError(
+            f"DeepSpeed config {p} is not valid JSON: {e.msg} at line {e.lineno}"
+        ) from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"DeepSpeed config {p} must hold a JSON object")
     return cfg

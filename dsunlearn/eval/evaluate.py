@@ -81,6 +81,8 @@ def evaluate(
                 answers = generate_answers(
                     model, processor, items, per_rank, cfg.gen_max_new_tokens, info, zero3
                 )
-                out[name] = mean([rouge_l(a, it.reference) for a, it in zip(answers, items)])
+                out[name] = mean(
+                    [rouge_l(a, it.reference) for a, it in zip(answers, items, strict=True)]
+                )
     model.train(was_training)
     return out

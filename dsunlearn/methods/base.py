@@ -74,7 +74,9 @@ def example_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum(1)
 
 
-def example_kl(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def example_kl(
+    ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """KL(p_ref || p_theta) per answer token, averaged per example: [B]."""
     lg, tgt = _shifted(logits, labels)
     rlg, _ = _shifted(ref_logits, labels)
