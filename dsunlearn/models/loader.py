@@ -1,0 +1,221 @@
+"""Load (and save) a multimodal model with its processor: built-in tiny, local folder or hub id.
+
+Under ZeRO-3 every path builds the model inside `deepspeed.zero.Init`, so no rank ever holds
+the full set of weights: transformers does this itself while a `HfDeepSpeedConfig` is alive
+(construction, weight init and checkpoint loading are then all partition-aware).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+)
+from transformers.processing_utils import ProcessorMixin
+
+from dsunlearn.errors import ModelError
+from dsunlearn.fsutil import atomic_dir
+from dsunlearn.models.tiny import TINY_MODELS, build_tiny_config, build_tiny_processor
+
+# Parameter-name prefixes of each family's parts (transformers 5.x names). An unlearning method
+# uses them to freeze or target parts (e.g. only the projector, or vision + projector).
+MODULE_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "LlavaForConditionalGeneration": {
+        "vision": ("model.vision_tower.",),
+        "projector": ("model.multi_modal_projector.",),
+        "language": ("model.language_model.", "lm_head."),
+    },
+    "Qwen2VLForConditionalGeneration": {
+        "vision": ("model.visual.",),
+        "projector": ("model.visual.merger.",),  # inside `visual`: the longest prefix wins
+        "language": ("model.language_model.", "lm_head."),
+    },
+}
+MODULE_GROUPS["Qwen2_5_VLForConditionalGeneration"] = MODULE_GROUPS[
+    "Qwen2VLForConditionalGeneration"
+]
+
+# Prefixes that wrappers put in front of the model's own names (DDP/DeepSpeed, PEFT, compile).
+_WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
+
+# The HfDeepSpeedConfig of the last ZeRO-3 load. transformers holds only a weakref to it, and
+# later calls (generate's synced GPUs, embedding resizes) must still see ZeRO-3 as enabled.
+_LIVE_HF_DS_CONFIG: Any = None
+
+
+def module_group(arch: str, param_name: str) -> str:
+    """The part ("vision", "projector" or "language") a parameter belongs to."""
+    if arch not in MODULE_GROUPS:
+        raise ModelError(
+            f"unsupported architecture {arch!r}; supported: {', '.join(MODULE_GROUPS)}"
+        )
+    name = param_name
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                stripped = True
+    best, best_len = None, -1
+    for group, prefixes in MODULE_GROUPS[arch].items():
+        for prefix in prefixes:
+            if name.startswith(prefix) and len(prefix) > best_len:
+                best, best_len = group, len(prefix)
+    if best is None:
+        raise ModelError(f"parameter {param_name!r} belongs to no known part of {arch}")
+    return best
+
+
+def pick_attn_implementation() -> str:
+    """FlashAttention-2 where it can run (installed and a CUDA device), else PyTorch SDPA."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _is_zero3(ds_config: dict | None) -> bool:
+    if not ds_config:
+        return False
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    return int(stage) == 3
+
+
+def _activate_ds_config(ds_config: dict | None) -> None:
+    """Make transformers see ZeRO-3 (or not) for the coming construction/loading."""
+    global _LIVE_HF_DS_CONFIG
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    if _is_zero3(ds_config):
+        _LIVE_HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)  # sets the global weakref
+    else:
+        _LIVE_HF_DS_CONFIG = None
+        unset_hf_deepspeed_config()  # a stale ZeRO-3 config must not partition this model
+
+
+def _builtin_names() -> str:
+    return ", ".join(TINY_MODELS)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are "name" or "org/name"; anything else with slashes is meant as a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _resolve(name_or_path: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, local_files_only). Fails fast with one clear line."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path} has no config.json (not a saved model)")
+        return str(path), True
+    if path.exists() or _looks_like_path(name_or_path):
+        raise ModelError(f"model folder {path} does not exist")
+
+    unknown = f"unknown model {name_or_path!r}: not a built-in ({_builtin_names()}), not a folder"
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except Exception as e:  # any invalid form is the user's input
+        raise ModelError(f"{unknown}, and not a valid hub id") from e
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return name_or_path, True  # cached: no network needed
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"{unknown}, and not in the hub cache (offline mode)")
+    # One quick probe: from_pretrained would retry every file for minutes before failing.
+    try:
+        model_info(name_or_path, timeout=15)
+    except Exception as e:  # network, 404, gated: all mean "cannot load"
+        raise ModelError(f"{unknown}, and not on the hub ({type(e).__name__})") from e
+    return name_or_path, False
+
+
+def _build_tiny(name: str, dtype: torch.dtype, seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+    processor = build_tiny_processor(name)
+    config = build_tiny_config(name, processor)
+    kwargs = {"dtype": dtype, "attn_implementation": pick_attn_implementation()}
+    if _LIVE_HF_DS_CONFIG is None:
+        torch.manual_seed(seed)  # deterministic init: same seed, same weights
+        return AutoModelForImageTextToText.from_config(config, **kwargs), processor
+
+    # ZeRO-3: transformers builds inside zero.Init (partitioned at construction) but initialises
+    # in another order, so the same seed would give other weights than without ZeRO. A tiny
+    # model fits anywhere: initialise a plain copy and write it into the partitions.
+    import deepspeed
+    from transformers.integrations.deepspeed import (
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    unset_hf_deepspeed_config()
+    torch.manual_seed(seed)
+    reference = dict(AutoModelForImageTextToText.from_config(config, **kwargs).named_parameters())
+    set_hf_deepspeed_config(_LIVE_HF_DS_CONFIG)
+    model = AutoModelForImageTextToText.from_config(config, **kwargs)
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        if deepspeed.comm.get_rank() == 0:
+            with torch.no_grad():
+                for key, param in params.items():
+                    param.copy_(reference[key])
+    return model, processor
+
+
+def load_model_and_processor(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    ds_config: dict | None = None,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A model and its processor from a built-in tiny name, a saved folder or a hub id.
+
+    With a ZeRO-3 `ds_config` the model is partitioned while it is built or loaded (call
+    `deepspeed.init_distributed` first). `seed` only matters for built-in tiny models, which
+    are freshly initialised.
+    """
+    _activate_ds_config(ds_config)
+    if name_or_path in TINY_MODELS:
+        return _build_tiny(name_or_path, dtype, seed)
+
+    source, local_only = _resolve(name_or_path)
+    try:
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation=pick_attn_implementation(),
+            local_files_only=local_only,
+        )
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot load model {source}: {reason}") from e
+    return model, processor
+
+
+def save_model_and_processor(
+    model: PreTrainedModel, processor: ProcessorMixin, out_dir: str | os.PathLike[str]
+) -> Path:
+    """Save weights (safetensors), config and processor so `load_model_and_processor` reloads them.
+
+    Not for ZeRO-3 partitioned models: gather a full state dict through the engine first. The
+    folder appears only once complete (atomic rename), so a crash never leaves half a checkpoint.
+    """
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ModelError(
+            "save_model_and_processor needs a full model, not a ZeRO-3 partitioned one"
+        )
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out

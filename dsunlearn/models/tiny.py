@@ -1,0 +1,297 @@
+"""Built-in tiny multimodal models that need no download.
+
+Two families mirror the real targets at toy scale so every code path (processor expansion of
+image tokens, ZeRO-3 partitioning, save/reload) runs on a CPU in seconds:
+
+- ``tiny-llava``: CLIP ViT (32x32 images, patch 8 -> 16 image tokens) + Llama decoder.
+- ``tiny-qwen2-vl``: Qwen2-VL vision tower (32x32, patch 4, 2x2 merge -> 16 image tokens) + Qwen2
+  decoder with M-RoPE.
+
+Both use a word-level tokenizer over `tiny_vocabulary()`, so every word of the built-in world is
+one token and answers are short token sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLProcessor,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
+
+from dsunlearn.data.vocab import tiny_vocabulary
+from dsunlearn.errors import ModelError
+
+IMAGE_SIZE = 32  # both families: square RGB images of this side
+
+PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
+BASE_SPECIALS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
+QWEN_SPECIALS: tuple[str, ...] = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Qwen's chat format names the roles in lower case; the built-in world never uses these words.
+QWEN_ROLE_WORDS: tuple[str, ...] = ("assistant", "system", "user")
+
+# "USER: <image> question ASSISTANT:" -- the LLaVA-1.5 format. Text items are written verbatim, an
+# image item becomes one <image> that the processor expands to one token per patch.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image> "
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %} </s>{% endif %} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# Qwen2-VL's format without the default system prompt (its words are not in the vocabulary).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer(
+    extra_specials: tuple[str, ...], extra_words: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: specials first (ids 0..), then the built-in world's words.
+
+    Special tokens are matched before pre-tokenization, so "<image><image>" (the processor's
+    expansion, written without spaces) becomes two tokens. Decoding joins words with spaces.
+    """
+    specials = [*BASE_SPECIALS, *extra_specials]
+    words = [w for w in [*tiny_vocabulary(), *extra_words] if w not in specials]
+    vocab = {tok: i for i, tok in enumerate([*specials, *dict.fromkeys(words)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        additional_special_tokens=list(extra_specials),
+        clean_up_tokenization_spaces=False,
+        padding_side="right",
+        model_max_length=256,
+    )
+    return tok
+
+
+class TinyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without a video processor.
+
+    `Qwen2VLProcessor` insists on a `Qwen2VLVideoProcessor`, which needs torchvision (absent on
+    CPU installs); the tiny model never sees video. Registered with `AutoProcessor` (under a dummy
+    config) so a saved tiny checkpoint reloads through `AutoProcessor.from_pretrained`.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.image_token = "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class _TinyQwenProcessorKey(PretrainedConfig):
+    """Dummy config: the registry key under which `AutoProcessor` finds `TinyQwen2VLProcessor`."""
+
+    model_type = "dsunlearn_tiny_qwen2_vl_processor"
+
+
+AutoProcessor.register(_TinyQwenProcessorKey, TinyQwen2VLProcessor, exist_ok=True)
+
+
+def _llava_processor() -> LlavaProcessor:
+    tok = build_tiny_tokenizer((IMAGE,))
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by "default"
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token=IMAGE,
+    )
+
+
+def _llava_config(processor: ProcessorMixin) -> LlavaConfig:
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=processor.patch_size,
+        attention_dropout=0.0,
+        projection_dim=128,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    n_patches = (IMAGE_SIZE // processor.patch_size) ** 2
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE),  # default 32000 is out of range
+        image_seq_length=n_patches,
+        vision_feature_layer=-1,  # -2 would leave the tiny tower's last layer without gradients
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
+QWEN_PATCH = 4
+QWEN_MERGE = 2
+QWEN_TEMPORAL = 2
+
+
+def _qwen_processor() -> TinyQwen2VLProcessor:
+    tok = build_tiny_tokenizer(QWEN_SPECIALS, QWEN_ROLE_WORDS)
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=pixels,  # any image is resized to about 32x32 pixels
+        max_pixels=pixels,
+        patch_size=QWEN_PATCH,
+        temporal_patch_size=QWEN_TEMPORAL,
+        merge_size=QWEN_MERGE,
+    )
+    return TinyQwen2VLProcessor(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def _qwen_config(processor: ProcessorMixin) -> Qwen2VLConfig:
+    tok = processor.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+        "attention_dropout": 0.0,
+        # head_dim 64 -> 32 rotary frequencies split over (time, height, width)
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [8, 12, 12],
+        },
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "tie_word_embeddings": False,
+    }
+    vision = {
+        "depth": 2,
+        "embed_dim": 128,
+        "hidden_size": 256,  # merger output = text hidden size
+        "mlp_ratio": 2,
+        "num_heads": 4,
+        "in_channels": 3,
+        "patch_size": QWEN_PATCH,
+        "spatial_merge_size": QWEN_MERGE,
+        "temporal_patch_size": QWEN_TEMPORAL,
+    }
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """How to build one built-in tiny model: its processor and its config from that processor."""
+
+    architecture: str
+    processor: Callable[[], ProcessorMixin]
+    config: Callable[[ProcessorMixin], PretrainedConfig]
+
+
+TINY_MODELS: dict[str, TinySpec] = {
+    "tiny-llava": TinySpec("LlavaForConditionalGeneration", _llava_processor, _llava_config),
+    "tiny-qwen2-vl": TinySpec("Qwen2VLForConditionalGeneration", _qwen_processor, _qwen_config),
+}
+
+
+def _spec(name: str) -> TinySpec:
+    if name not in TINY_MODELS:
+        raise ModelError(f"unknown tiny model {name!r}; built-in: {', '.join(TINY_MODELS)}")
+    return TINY_MODELS[name]
+
+
+def build_tiny_processor(name: str) -> ProcessorMixin:
+    """The processor (tokenizer + image processor + chat template) of a built-in tiny model."""
+    return _spec(name).processor()
+
+
+def build_tiny_config(name: str, processor: ProcessorMixin) -> PretrainedConfig:
+    """The model config of a built-in tiny model, with token ids taken from `processor`."""
+    return _spec(name).config(processor)
