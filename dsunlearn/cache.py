@@ -34,6 +34,7 @@ def vanilla_key(cfg: LearnConfig) -> str:
         "data": {k: d["data"][k] for k in ("path", "seed", "entities", "forget_pct")},
         "target_acc": d["target_acc"],
         "eval_every": d["eval_every"],
+        "augment": d["augment"],
         "seed": d["seed"],
     }
     return f"{cfg.model.name.replace('/', '--')}-seed{cfg.data.seed}-e{cfg.data.entities}-{config_hash(shaping)}"

@@ -112,6 +112,7 @@ class LearnConfig:
     deepspeed: str = "configs/deepspeed/zero3_cpu.json"
     target_acc: float = 0.9
     eval_every: int = 250
+    augment: bool = True  # fresh random shift/scale/brightness/noise on every training image
     cache_dir: str | None = None  # None: $DSUNLEARN_CACHE, else ./checkpoints
     seed: int = 0
 

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,6 +81,8 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
 
 def _quiet_libraries(is_main: bool) -> None:
     """Keep DeepSpeed and transformers chatter off the console; non-main ranks log warnings only."""
+    # DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates, once per step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING if is_main else logging.ERROR)
     try:

@@ -43,6 +43,8 @@ def fill_ds_config(
     The global batch is split evenly over ranks, so that 1 and N ranks see the same data
     per optimizer step; an uneven split is refused rather than silently changed.
     """
+    if global_batch < 1:
+        raise ConfigError(f"batch size must be at least 1, got {global_batch}")
     if global_batch % world_size:
         raise ConfigError(
             f"batch size {global_batch} does not split evenly over {world_size} ranks"

@@ -203,19 +203,22 @@ def load_model_and_processor(
 
 
 def save_model_and_processor(
-    model: PreTrainedModel, processor: ProcessorMixin, out_dir: str | os.PathLike[str]
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    out_dir: str | os.PathLike[str],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save weights (safetensors), config and processor so `load_model_and_processor` reloads them.
 
-    Not for ZeRO-3 partitioned models: gather a full state dict through the engine first. The
+    A ZeRO-3 partitioned model needs `state_dict`, its full weights gathered first. The
     folder appears only once complete (atomic rename), so a crash never leaves half a checkpoint.
     """
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
+    if state_dict is None and any(hasattr(p, "ds_id") for p in model.parameters()):
         raise ModelError(
             "save_model_and_processor needs a full model, not a ZeRO-3 partitioned one"
         )
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
     return out

@@ -7,14 +7,16 @@ until every multiple-choice accuracy (forget/retain VQA, held-out-image VQA, tex
 
 from __future__ import annotations
 
-import random
+import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from dsunlearn.cache import META_FILE, is_complete, vanilla_dir, vanilla_key
 from dsunlearn.config import LearnConfig, to_dict
+from dsunlearn.data.augment import augment_image
 from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
 from dsunlearn.engine.batches import global_batches
 from dsunlearn.engine.dist import get_logger, init_distributed
@@ -58,14 +60,22 @@ def run_learn(cfg: LearnConfig, force: bool = False) -> Path:
         f"learn: {len(train)} examples, {len(records)} entities, world size {info.world_size}, "
         f"up to {cfg.optim.steps} steps -> {out_dir}"
     )
-    random.seed(cfg.seed)
+    rng = np.random.default_rng([cfg.seed, info.rank])
+
+    def augmented(examples: list) -> list:
+        if not cfg.augment:
+            return examples
+        return [
+            dataclasses.replace(e, image=augment_image(e.image, rng)) if e.image else e
+            for e in examples
+        ]
 
     history: list[dict] = []
     metrics: dict[str, float] = {}
     bar = tqdm(range(1, cfg.optim.steps + 1), desc="learn", disable=not info.is_main)
     step = 0
     for step in bar:
-        batch = encode_examples(processor, next(stream), info.device)
+        batch = encode_examples(processor, augmented(next(stream)), info.device)
         loss = example_ce(logits_of(engine, batch), batch["labels"]).mean()
         optimizer_step(engine, loss, f"learn step {step}")
         bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -59,9 +59,9 @@ def _mean_over_ranks(x: torch.Tensor, world: int) -> float:
 
 def run_unlearn(cfg: UnlearnConfig) -> Path:
     t0 = time.time()
+    methods = [build_method(name, cfg.method) for name in cfg.methods]  # fail fast on a typo
     info = init_distributed()
     log = get_logger()
-    methods = [build_method(name, cfg.method) for name in cfg.methods]  # fail fast on a typo
     bench = prepare_benchmark(cfg.data, info)
     vanilla = resolve_vanilla(cfg)
     ds = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.model, info)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a small built-in benchmark, a tiny random vanilla model, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DS_CONFIG = str(REPO / "configs" / "deepspeed" / "zero3_cpu.json")
+
+
+@pytest.fixture(scope="session")
+def small_bench(tmp_path_factory) -> Path:
+    """6 fictitious people (1 forgotten), in MLLMU-Bench layout."""
+    from dsunlearn.data.builtin import build_benchmark
+
+    return build_benchmark(tmp_path_factory.mktemp("bench") / "b6", seed=0, entities=6)
+
+
+@pytest.fixture(scope="session")
+def random_vanilla(tmp_path_factory) -> Path:
+    """A freshly initialised tiny-llava saved as an HF folder (stands in for a learned one)."""
+    from dsunlearn.models import load_model_and_processor, save_model_and_processor
+
+    model, processor = load_model_and_processor("tiny-llava", seed=0)
+    return save_model_and_processor(model, processor, tmp_path_factory.mktemp("m") / "vanilla")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str):
+    """`python -m dsunlearn ARGS` in a fresh process, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "dsunlearn", *args],
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_deepspeed(ranks: int, args: list[str], cwd: Path, timeout: int = 600, **env: str):
+    """`deepspeed --num_gpus N --module dsunlearn ARGS`: real ranks through the real launcher."""
+    from dsunlearn.recipes.demo import deepspeed_launch_cmd
+
+    return subprocess.run(
+        deepspeed_launch_cmd(ranks, args),
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
