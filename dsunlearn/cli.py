@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     learn = sub.add_parser("learn", help="fine-tune the vanilla model on all entities (cached)")
     learn.add_argument("--config", help="YAML LearnConfig")
     learn.add_argument("--force", action="store_true", help="re-learn even if cached")
+    learn.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="re-run STEPS steps and check they match the cached model's record; writes nothing",
+    )
     learn.add_argument("overrides", nargs="*", metavar="key=value")
 
     un = sub.add_parser("unlearn", help="run unlearning methods and write the report")
@@ -85,7 +92,8 @@ def run(args: argparse.Namespace) -> None:
         from dsunlearn.recipes.learn import run_learn
 
         cfg = load_config(LearnConfig, args.config, args.overrides)
-        print(f"vanilla model: {run_learn(cfg, force=args.force)}")
+        path = run_learn(cfg, force=args.force, verify_steps=args.verify)
+        print(f"vanilla model: {path}" + (" (verified)" if args.verify else ""))
     elif args.command == "unlearn":
         from dsunlearn.recipes.unlearn import run_unlearn
 

@@ -8,6 +8,7 @@ until every multiple-choice accuracy (forget/retain VQA, held-out-image VQA, tex
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
 from dsunlearn.engine.batches import global_batches
 from dsunlearn.engine.dist import get_logger, init_distributed
 from dsunlearn.engine.engine import build_train_engine, optimizer_step
+from dsunlearn.errors import ConfigError, DsunlearnError
 from dsunlearn.eval.evaluate import build_eval_sets, evaluate
 from dsunlearn.fsutil import atomic_dir, write_json_atomic
 from dsunlearn.methods.base import example_ce, logits_of
@@ -34,12 +36,41 @@ from dsunlearn.recipes.common import (
     prepare_benchmark,
 )
 
+# Accuracy drift allowed when re-running: thread counts change float summation order.
+VERIFY_TOL = 0.03
 
-def run_learn(cfg: LearnConfig, force: bool = False) -> Path:
+
+def compare_histories(new: list[dict], recorded: list[dict], tol: float) -> None:
+    """Raise unless every accuracy of `new` is within `tol` of `recorded` at the same step."""
+    by_step = {h["step"]: h for h in recorded}
+    for h in new:
+        if h["step"] not in by_step:
+            raise DsunlearnError(f"the cached record has no evaluation at step {h['step']}")
+        old = by_step[h["step"]]
+        for key, value in h.items():
+            if key.endswith("_acc") and abs(value - old[key]) > tol:
+                raise DsunlearnError(
+                    f"learn does not reproduce the cached model: at step {h['step']} "
+                    f"{key} = {value:.3f}, recorded {old[key]:.3f} (tolerance {tol})"
+                )
+
+
+def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> Path:
+    """Learn (or reuse) the vanilla model; returns its cache folder.
+
+    With `verify_steps` > 0, nothing is written: the stage is re-run from scratch for that many
+    steps and its evaluation history is compared with the cached model's record, which checks
+    that this code still produces the cached (or shipped) model.
+    """
     info = init_distributed()
     log = get_logger()
     out_dir = vanilla_dir(cfg)
-    if is_complete(out_dir) and not force:
+    if verify_steps:
+        if not is_complete(out_dir):
+            raise DsunlearnError(f"nothing to verify: no cached vanilla model at {out_dir}")
+        if verify_steps % cfg.eval_every:
+            raise ConfigError(f"--verify {verify_steps} must be a multiple of eval_every")
+    elif is_complete(out_dir) and not force:
         log.info(f"vanilla model cached: {out_dir}")
         return out_dir
 
@@ -72,7 +103,8 @@ def run_learn(cfg: LearnConfig, force: bool = False) -> Path:
 
     history: list[dict] = []
     metrics: dict[str, float] = {}
-    bar = tqdm(range(1, cfg.optim.steps + 1), desc="learn", disable=not info.is_main)
+    max_steps = verify_steps or cfg.optim.steps
+    bar = tqdm(range(1, max_steps + 1), desc="learn", disable=not info.is_main)
     step = 0
     for step in bar:
         batch = encode_examples(processor, augmented(next(stream)), info.device)
@@ -85,9 +117,14 @@ def run_learn(cfg: LearnConfig, force: bool = False) -> Path:
             )
             history.append({"step": step, "loss": loss.item(), **metrics})
             log.info(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-            if min(metrics.values()) >= cfg.target_acc:
+            if min(metrics.values()) >= cfg.target_acc and not verify_steps:
                 break
     bar.close()
+    if verify_steps:
+        recorded = json.loads((out_dir / META_FILE).read_text())["history"]
+        compare_histories(history, recorded, tol=VERIFY_TOL)
+        log.info(f"learn reproduces {out_dir} over its first {verify_steps} steps")
+        return out_dir
 
     final = evaluate(engine.module, processor, sets, cfg.eval, info, zero3)
     reached = min(v for k, v in final.items() if k.endswith("_acc")) >= cfg.target_acc
