@@ -65,6 +65,27 @@ def test_small_run_through_the_cli(tmp_path):
     assert (run / "report.md").read_text().count("\n| ") == 3  # header + vanilla + 2 methods
     assert (run / "report.png").stat().st_size > 1000
 
+    # `dsunlearn eval` on 1 rank scores the vanilla model exactly as the 2-rank run did.
+    proc = run_cli(
+        [
+            "eval",
+            "--model",
+            vanilla,
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "eval"),
+            "max_items=60",
+            "gen_max_new_tokens=6",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ev = json.loads((tmp_path / "eval" / "report.json").read_text())
+    (name,) = ev["methods"]
+    for key, value in report["vanilla"].items():
+        assert ev["methods"][name][key] == pytest.approx(value, abs=1e-9), key
+
 
 @pytest.mark.slow
 def test_learn_reproduces_the_shipped_vanilla(tmp_path):

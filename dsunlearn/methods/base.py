@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dsunlearn.config import MethodConfig
 from dsunlearn.errors import MethodError
+from dsunlearn.models.encode import sequence_logprob_sum, sequence_nll
 
 Batch = dict[str, torch.Tensor]
 METHODS: dict[str, type[Method]] = {}
@@ -48,30 +49,8 @@ def logits_of(model: Callable[..., Any], batch: Batch) -> torch.Tensor:
 
 
 def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position t predicts token t+1; returns (logits[:, :-1], targets, mask)."""
+    """Position t predicts token t+1: (logits[:, :-1], labels[:, 1:])."""
     return logits[:, :-1, :], labels[:, 1:]
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL [B, T-1] and the answer-token mask."""
-    lg, tgt = _shifted(logits, labels)
-    mask = tgt != -100
-    nll = F.cross_entropy(
-        lg.reshape(-1, lg.size(-1)), tgt.clamp(min=0).reshape(-1), reduction="none"
-    ).view_as(tgt)
-    return nll * mask, mask
-
-
-def example_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy of each example's answer: [B]."""
-    nll, mask = token_nll(logits, labels)
-    return nll.sum(1) / mask.sum(1).clamp(min=1)
-
-
-def example_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of each example's whole answer: [B]."""
-    nll, _ = token_nll(logits, labels)
-    return nll.sum(1)
 
 
 def example_kl(
@@ -85,6 +64,16 @@ def example_kl(
     logp = F.log_softmax(rlg, dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(-1) * mask
     return kl.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def example_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of each example's answer: [B]."""
+    return sequence_nll(logits, labels)
+
+
+def example_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each example's whole answer: [B]."""
+    return -sequence_logprob_sum(logits, labels)
 
 
 class Method:

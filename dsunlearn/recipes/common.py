@@ -51,18 +51,12 @@ def is_zero3(ds_config: dict[str, Any]) -> bool:
     return zero_stage(ds_config) == 3
 
 
-def encode_examples(processor: Any, examples: list[Any], device: torch.device) -> dict[str, Any]:
+def encode_batch(processor: Any, examples: list[Any], device: torch.device) -> dict[str, Any]:
     """Tokenise (question, image, answer) examples into a training batch on `device`."""
     from dsunlearn.eval.scoring import to_device
-    from dsunlearn.models.encode import encode_for_loss
+    from dsunlearn.models.encode import encode_examples
 
-    batch = encode_for_loss(
-        processor,
-        [e.question for e in examples],
-        [e.image for e in examples],
-        [e.answer for e in examples],
-    )
-    return to_device(batch, device)
+    return to_device(encode_examples(processor, examples), device)
 
 
 def full_state_dict(model: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor] | None:

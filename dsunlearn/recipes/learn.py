@@ -29,7 +29,7 @@ from dsunlearn.methods.base import example_ce, logits_of
 from dsunlearn.models.loader import load_model_and_processor, save_model_and_processor
 from dsunlearn.recipes.common import (
     deepspeed_config,
-    encode_examples,
+    encode_batch,
     full_state_dict,
     is_zero3,
     model_dtype,
@@ -107,7 +107,7 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
     bar = tqdm(range(1, max_steps + 1), desc="learn", disable=not info.is_main)
     step = 0
     for step in bar:
-        batch = encode_examples(processor, augmented(next(stream)), info.device)
+        batch = encode_batch(processor, augmented(next(stream)), info.device)
         loss = example_ce(logits_of(engine, batch), batch["labels"]).mean()
         optimizer_step(engine, loss, f"learn step {step}")
         bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -31,7 +31,7 @@ from dsunlearn.methods import build_method
 from dsunlearn.models.loader import load_model_and_processor
 from dsunlearn.recipes.common import (
     deepspeed_config,
-    encode_examples,
+    encode_batch,
     is_zero3,
     model_dtype,
     prepare_benchmark,
@@ -102,12 +102,12 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
         bar = tqdm(range(1, steps + 1), desc=method.name, disable=not info.is_main)
         for step in bar:
             row: dict[str, float] = {"step": step}
-            batch = encode_examples(processor, next(f_stream), info.device)
+            batch = encode_batch(processor, next(f_stream), info.device)
             loss = method.forget_loss(engine, batch, ref)
             optimizer_step(engine, loss, f"{method.name} forget step {step}")
             row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
             if method.uses_retain:
-                batch = encode_examples(processor, next(r_stream), info.device)
+                batch = encode_batch(processor, next(r_stream), info.device)
                 loss = method.retain_loss(engine, batch, ref)
                 optimizer_step(engine, loss, f"{method.name} retain step {step}")
                 row["retain_loss"] = _mean_over_ranks(loss, info.world_size)
