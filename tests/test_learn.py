@@ -26,6 +26,8 @@ def test_compare_histories():
     compare_histories([{"step": 250, "loss": 0.41, "forget_vqa_acc": 0.86}], rec, tol=0.03)
     with pytest.raises(DsunlearnError, match="at step 250 forget_vqa_acc = 0.700"):
         compare_histories([{"step": 250, "forget_vqa_acc": 0.70}], rec, tol=0.03)
+    with pytest.raises(DsunlearnError, match="loss = 0.6000, recorded 0.4000"):
+        compare_histories([{"step": 250, "loss": 0.6, "forget_vqa_acc": 0.85}], rec, tol=0.03)
     with pytest.raises(DsunlearnError, match="no evaluation at step 500"):
         compare_histories([{"step": 500, "forget_vqa_acc": 0.9}], rec, tol=0.03)
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from dsunlearn.cache import META_FILE, is_complete, vanilla_dir, vanilla_key
@@ -53,6 +54,11 @@ def compare_histories(new: list[dict], recorded: list[dict], tol: float) -> None
                     f"learn does not reproduce the cached model: at step {h['step']} "
                     f"{key} = {value:.3f}, recorded {old[key]:.3f} (tolerance {tol})"
                 )
+        if "loss" in h and abs(h["loss"] - old["loss"]) > tol * max(1.0, abs(old["loss"])):
+            raise DsunlearnError(
+                f"learn does not reproduce the cached model: at step {h['step']} "
+                f"loss = {h['loss']:.4f}, recorded {old['loss']:.4f}"
+            )
 
 
 def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> Path:
@@ -70,6 +76,9 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
             raise DsunlearnError(f"nothing to verify: no cached vanilla model at {out_dir}")
         if verify_steps % cfg.eval_every:
             raise ConfigError(f"--verify {verify_steps} must be a multiple of eval_every")
+        recorded = json.loads((out_dir / META_FILE).read_text())
+        if "num_threads" in recorded:  # same float summation order as the recorded run
+            torch.set_num_threads(recorded["num_threads"])
     elif is_complete(out_dir) and not force:
         log.info(f"vanilla model cached: {out_dir}")
         return out_dir
@@ -121,8 +130,9 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
                 break
     bar.close()
     if verify_steps:
-        recorded = json.loads((out_dir / META_FILE).read_text())["history"]
-        compare_histories(history, recorded, tol=VERIFY_TOL)
+        for new, old in zip(history, recorded["history"], strict=False):
+            log.info(f"step {new['step']}: loss {new['loss']:.6f} (recorded {old['loss']:.6f})")
+        compare_histories(history, recorded["history"], tol=VERIFY_TOL)
         log.info(f"learn reproduces {out_dir} over its first {verify_steps} steps")
         return out_dir
 
@@ -139,6 +149,7 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
                     "steps": step,
                     "elapsed_s": round(time.time() - t0, 1),
                     "world_size": info.world_size,
+                    "num_threads": torch.get_num_threads(),
                     "reached_target": reached,
                     "metrics": final,
                     "history": history,
