@@ -66,7 +66,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     rows = {"vanilla": report["vanilla"], **report["methods"]}
     metrics = [k for k in report["vanilla"] if isinstance(report["vanilla"][k], (int, float))]
     width = 0.8 / max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(metrics)), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(metrics) + 1.5), 4.0))
     for i, (name, m) in enumerate(rows.items()):
         xs = [j + i * width for j in range(len(metrics))]
         ax.bar(xs, [m.get(k, 0.0) for k in metrics], width=width, label=name)
@@ -75,7 +75,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     ax.set_xticklabels(metrics, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
