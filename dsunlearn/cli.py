@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> None:
         EvalConfig,
         LearnConfig,
         UnlearnConfig,
+        apply_overrides,
         from_dict,
         load_config,
     )
@@ -99,7 +100,6 @@ def run(args: argparse.Namespace) -> None:
 
         run_unlearn(load_config(UnlearnConfig, args.config, args.overrides))
     elif args.command == "eval":
-        from dsunlearn.config import apply_overrides
         from dsunlearn.recipes.evaluate_model import run_eval
 
         eval_cfg = from_dict(EvalConfig, apply_overrides({}, args.overrides))

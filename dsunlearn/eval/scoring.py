@@ -12,14 +12,10 @@ from typing import Any
 
 import torch
 
-from dsunlearn.engine.batches import shard_for_rank
+from dsunlearn.engine.batches import shard_for_rank, to_device
 from dsunlearn.engine.dist import DistInfo, all_reduce_sum
 from dsunlearn.methods.base import example_ce, logits_of
 from dsunlearn.models.encode import encode_for_generation, encode_for_loss
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()

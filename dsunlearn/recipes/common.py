@@ -8,9 +8,13 @@ from typing import Any
 import torch
 
 from dsunlearn.config import DataConfig, ModelConfig, OptimConfig
+from dsunlearn.data.builtin import build_benchmark
+from dsunlearn.data.mllmu import load_benchmark
+from dsunlearn.engine.batches import to_device
 from dsunlearn.engine.dist import DistInfo, barrier
 from dsunlearn.engine.ds_config import fill_ds_config, read_ds_config, zero_stage
 from dsunlearn.errors import ConfigError
+from dsunlearn.models.encode import encode_examples
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -23,9 +27,6 @@ def model_dtype(cfg: ModelConfig) -> torch.dtype:
 
 def prepare_benchmark(cfg: DataConfig, info: DistInfo):
     """Load the benchmark; the built-in one is generated first (by rank 0) if missing."""
-    from dsunlearn.data.builtin import build_benchmark
-    from dsunlearn.data.mllmu import load_benchmark
-
     path = cfg.resolved_path()
     if cfg.path is None and not Path(path).exists():
         if info.is_main:
@@ -53,9 +54,6 @@ def is_zero3(ds_config: dict[str, Any]) -> bool:
 
 def encode_batch(processor: Any, examples: list[Any], device: torch.device) -> dict[str, Any]:
     """Tokenise (question, image, answer) examples into a training batch on `device`."""
-    from dsunlearn.eval.scoring import to_device
-    from dsunlearn.models.encode import encode_examples
-
     return to_device(encode_examples(processor, examples), device)
 
 

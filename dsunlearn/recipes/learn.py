@@ -21,7 +21,7 @@ from dsunlearn.config import LearnConfig, to_dict
 from dsunlearn.data.augment import augment_image
 from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
 from dsunlearn.engine.batches import global_batches
-from dsunlearn.engine.dist import get_logger, init_distributed
+from dsunlearn.engine.dist import barrier, get_logger, init_distributed
 from dsunlearn.engine.engine import build_train_engine, optimizer_step
 from dsunlearn.errors import ConfigError, DsunlearnError
 from dsunlearn.eval.evaluate import build_eval_sets, evaluate
@@ -158,7 +158,5 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
             )
         msg = "reached" if reached else "did NOT reach"
         log.info(f"learn: {msg} target {cfg.target_acc} after {step} steps; saved {out_dir}")
-    from dsunlearn.engine.dist import barrier
-
     barrier()
     return out_dir

@@ -22,7 +22,8 @@ from dsunlearn.cache import is_complete, vanilla_dir
 from dsunlearn.config import LearnConfig, UnlearnConfig, to_dict
 from dsunlearn.data.examples import vqa_train_examples
 from dsunlearn.engine.batches import global_batches
-from dsunlearn.engine.dist import all_reduce_sum, get_logger, init_distributed
+from dsunlearn.engine.dist import all_reduce_sum, barrier, get_logger, init_distributed
+from dsunlearn.engine.ds_config import zero_stage
 from dsunlearn.engine.engine import build_reference_engine, build_train_engine, optimizer_step
 from dsunlearn.errors import DataError, ModelError
 from dsunlearn.eval.evaluate import CHANCE, build_eval_sets, evaluate
@@ -78,7 +79,7 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
     sets = build_eval_sets(bench, cfg.eval, cfg.seed)
     log.info(
         f"unlearn '{cfg.name}': methods {cfg.methods}, world size {info.world_size}, "
-        f"ZeRO stage {ds['zero_optimization']['stage'] if 'zero_optimization' in ds else 0}, "
+        f"ZeRO stage {zero_stage(ds)}, "
         f"{len(forget_train)} forget / {len(retain_train)} retain examples, {steps} steps"
     )
 
@@ -138,7 +139,5 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
         write_json_atomic(run_dir / "config.json", to_dict(cfg))
         path = write_report(run_dir, report, title=f"dsunlearn: {cfg.name}")
         log.info(f"report: {path} ({report['elapsed_s']:.1f} s)")
-    from dsunlearn.engine.dist import barrier
-
     barrier()
     return run_dir / "report.json"
