@@ -21,13 +21,18 @@ def small_bench(tmp_path_factory) -> Path:
     return build_benchmark(tmp_path_factory.mktemp("bench") / "b6", seed=0, entities=6)
 
 
-@pytest.fixture(scope="session")
-def random_vanilla(tmp_path_factory) -> Path:
-    """A freshly initialised tiny-llava saved as an HF folder (stands in for a learned one)."""
+def save_random_tiny(name: str, out: Path) -> Path:
+    """A freshly initialised built-in tiny model saved as an HF folder."""
     from dsunlearn.models import load_model_and_processor, save_model_and_processor
 
-    model, processor = load_model_and_processor("tiny-llava", seed=0)
-    return save_model_and_processor(model, processor, tmp_path_factory.mktemp("m") / "vanilla")
+    model, processor = load_model_and_processor(name, seed=0)
+    return save_model_and_processor(model, processor, out)
+
+
+@pytest.fixture(scope="session")
+def random_vanilla(tmp_path_factory) -> Path:
+    """A random tiny-llava folder: stands in for a learned vanilla model where skill is moot."""
+    return save_random_tiny("tiny-llava", tmp_path_factory.mktemp("m") / "vanilla")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

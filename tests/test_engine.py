@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from tests.conftest import DS_CONFIG, run_deepspeed
+from tests.conftest import DS_CONFIG, REPO, run_deepspeed, save_random_tiny
 
 STEPS = 6
 
 
-def _run(ranks: int, tmp_path, bench, vanilla) -> dict:
+def _run(ranks: int, tmp_path, bench, vanilla, family: str) -> dict:
     args = [
         "unlearn",
         "--config",
@@ -20,6 +20,7 @@ def _run(ranks: int, tmp_path, bench, vanilla) -> dict:
         f"out_dir={tmp_path}",
         f"data.path={bench}",
         f"vanilla={vanilla}",
+        f"model.name={family}",
         "methods=[kl_min,npo]",  # retain step + frozen ZeRO-3 reference engine
         f"optim.steps={STEPS}",
         "optim.batch_size=4",
@@ -27,8 +28,6 @@ def _run(ranks: int, tmp_path, bench, vanilla) -> dict:
         "eval.enabled=false",
         f"deepspeed={DS_CONFIG}",
     ]
-    from tests.conftest import REPO
-
     proc = run_deepspeed(ranks, args, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / f"w{ranks}" / "report.json").read_text())
@@ -37,9 +36,11 @@ def _run(ranks: int, tmp_path, bench, vanilla) -> dict:
 
 
 @pytest.mark.slow
-def test_one_and_two_ranks_give_the_same_loss_curve(tmp_path, small_bench, random_vanilla):
-    one = _run(1, tmp_path, small_bench, random_vanilla)
-    two = _run(2, tmp_path, small_bench, random_vanilla)
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])
+def test_one_and_two_ranks_give_the_same_loss_curve(tmp_path, small_bench, family):
+    vanilla = save_random_tiny(family, tmp_path / "vanilla")
+    one = _run(1, tmp_path, small_bench, vanilla, family)
+    two = _run(2, tmp_path, small_bench, vanilla, family)
     assert set(one) == set(two) == {"kl_min", "npo"}
     worst = 0.0
     for method in one:
