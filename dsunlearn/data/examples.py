@@ -96,16 +96,6 @@ def gen_vqa_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
     ]
 
 
-def gen_text_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
-    """Pure_Text generation items, without an image."""
-    return [
-        GenExample(g.question, g.ground_truth, None, r.id)
-        for r in records
-        for g in r.gen
-        if g.type == TYPE_TEXT
-    ]
-
-
 def cloze_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
     """Mask_Task items; Image_Textual ones come with the record's first image."""
     return [

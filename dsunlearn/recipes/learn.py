@@ -111,7 +111,6 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
         ]
 
     history: list[dict] = []
-    metrics: dict[str, float] = {}
     max_steps = verify_steps or cfg.optim.steps
     bar = tqdm(range(1, max_steps + 1), desc="learn", disable=not info.is_main)
     step = 0
