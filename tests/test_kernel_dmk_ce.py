@@ -1,12 +1,47 @@
 """alpha*CE + beta*Dual Masked KL: the torch reference on hand cases, the fused path against it."""
 
+import importlib
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.dual_masked_kl_ce import dual_masked_kl_ce, dual_masked_kl_ce_reference
+
+# kernels/__init__.py exports a function of the same name, so fetch the module itself.
+dmk = importlib.import_module("kernels.dual_masked_kl_ce")
+TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4), torch.bfloat16: dict(atol=5e-3, rtol=5e-2)}
+
+# The fused path runs here on CPU through the Triton interpreter, which must be switched on before
+# triton is first imported. Run as `TRITON_INTERPRET=1 pytest tests/test_kernel_dmk_ce.py` the
+# fused tests run in-process; in a plain run (where other modules may already have imported
+# triton) they are skipped and test_triton_suite_in_subprocess reruns this file in a fresh process
+# with TRITON_INTERPRET=1, so the environment of the other test modules is left untouched.
+needs_interp = pytest.mark.skipif(
+    not dmk.interpreter_ready(),
+    reason="needs TRITON_INTERPRET=1 at triton import: run by test_triton_suite_in_subprocess",
+)
+
+
+@pytest.mark.skipif(dmk.triton is None, reason="triton not installed")
+@pytest.mark.skipif(dmk.interpreter_ready(), reason="already in interpreter mode")
+def test_triton_suite_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "fused"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
 
 
 def make_inputs(n, v, hid, ref_hid, dtype=torch.float32, bias=False, seed=0, drop=(1, 4)):
@@ -96,8 +131,8 @@ def test_reference_equals_kl_div_without_drop_or_mask():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("use_triton", [False, None])
-def test_reference_frozen_side_gets_no_grad(use_triton):
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_interp)])
+def test_frozen_side_gets_no_grad_fused_and_reference(use_triton):
     inp = make_inputs(5, 13, 4, 6, bias=True)
     loss = dual_masked_kl_ce(**inp, use_triton=use_triton)
     loss.backward()
@@ -140,3 +175,109 @@ def test_reference_gradient_matches_analytic_formula():
     s = (p * keep).sum(-1, keepdim=True)
     dz = a[:, None] * (q - onehot) + b[:, None] * (q * s - p * keep)
     torch.testing.assert_close(z.grad, dz, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused Triton path (TRITON_INTERPRET=1 on CPU) against the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def compare(inp, dtype, reduction="mean", chunk_size=None, alpha=0.9, beta=0.75, grad_scale=1.7):
+    ref_inp = clone_inputs(inp)
+    got = dual_masked_kl_ce(
+        **inp, alpha=alpha, beta=beta, reduction=reduction, chunk_size=chunk_size, use_triton=True
+    )
+    want = dual_masked_kl_ce_reference(**ref_inp, alpha=alpha, beta=beta, reduction=reduction)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    (got * grad_scale).sum().backward()
+    (want * grad_scale).sum().backward()
+    for k in ("h", "weight", "bias"):
+        if inp[k] is None:
+            continue
+        assert inp[k].grad.dtype == dtype and torch.isfinite(inp[k].grad).all()
+        torch.testing.assert_close(inp[k].grad.float(), ref_inp[k].grad.float(), **tol)
+    for k in ("ref_h", "ref_weight", "ref_bias"):
+        assert inp[k] is None or inp[k].grad is None
+    return got, want
+
+
+SHAPES = [
+    # n, v, hid, ref_hid, chunk_size, max_block_v
+    (7, 37, 16, 12, 3, 16),  # 3 chunks (3+3+1), 3 vocabulary tiles with a ragged tail
+    (7, 101, 16, 8, 2, 32),  # 4 chunks, 4 tiles
+    (5, 64, 8, 8, None, 4096),  # default chunk, one tile exactly V wide
+    (1, 37, 16, 16, 1, 64),  # single row, one tile wider than V
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("n, v, hid, ref_hid, chunk, block", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_reference(
+    monkeypatch, n, v, hid, ref_hid, chunk, block, reduction, bias, dtype
+):
+    monkeypatch.setattr(dmk, "_MAX_BLOCK_V", block)
+    inp = make_inputs(n, v, hid, ref_hid, dtype=dtype, bias=bias, seed=n * v, drop=(1, 4, 30))
+    compare(inp, dtype, reduction=reduction, chunk_size=chunk)
+
+
+@needs_interp
+@pytest.mark.parametrize(
+    "case", ["all_masked", "none_masked", "empty_drop", "all_dropped", "no_ignored"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mask_edge_cases(monkeypatch, case, dtype):
+    monkeypatch.setattr(dmk, "_MAX_BLOCK_V", 16)
+    inp = make_inputs(7, 37, 16, 12, dtype=dtype, bias=True, seed=3)
+    if case == "all_masked":
+        inp["token_mask"].fill_(True)
+    elif case == "none_masked":
+        inp["token_mask"].fill_(False)
+    elif case == "empty_drop":
+        inp["drop_ids"] = torch.empty(0, dtype=torch.long)
+    elif case == "all_dropped":
+        inp["drop_ids"] = torch.arange(37)
+    else:
+        inp["labels"] = torch.arange(7) % 37
+    got, want = compare(inp, dtype, chunk_size=3)
+    if case in ("all_masked", "all_dropped"):  # KL term vanishes: plain alpha * CE
+        ce = F.cross_entropy(
+            F.linear(inp["h"], inp["weight"], inp["bias"]).float(), inp["labels"]
+        )  # fmt: skip
+        torch.testing.assert_close(got, 0.9 * ce, **TOL[dtype])
+
+
+@needs_interp
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_all_labels_ignored(reduction):
+    inp = make_inputs(7, 37, 16, 12, bias=True)
+    inp["labels"].fill_(-100)
+    got, _ = compare(inp, torch.float32, reduction=reduction, chunk_size=2)
+    assert got.item() == 0.0
+    for k in ("h", "weight", "bias"):
+        assert torch.count_nonzero(inp[k].grad) == 0
+
+
+@needs_interp
+def test_fused_reduction_none_falls_back_to_reference():
+    inp = make_inputs(7, 37, 16, 12, bias=True)
+    got, want = compare(inp, torch.float32, reduction="none", chunk_size=2)
+    assert got.shape == (7,)
+
+
+@needs_interp
+def test_fused_dispatcher_picks_triton_under_interpret(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("reference used")
+
+    inp = make_inputs(3, 11, 4, 4)
+    monkeypatch.setattr(dmk, "dual_masked_kl_ce_reference", fail)
+    dual_masked_kl_ce(**inp)  # TRITON_INTERPRET=1 and triton importable: fused path
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(AssertionError, match="reference used"):
+        dual_masked_kl_ce(**inp)  # CPU tensors without the interpreter: reference
+    with pytest.raises(AssertionError, match="reference used"):
+        dual_masked_kl_ce(**inp, use_triton=False)
