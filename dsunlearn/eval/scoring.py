@@ -14,8 +14,12 @@ import torch
 
 from dsunlearn.engine.batches import shard_for_rank, to_device
 from dsunlearn.engine.dist import DistInfo, all_reduce_sum
-from dsunlearn.methods.base import example_ce, logits_of
-from dsunlearn.models.encode import encode_for_generation, encode_for_loss
+from dsunlearn.models.encode import (
+    encode_for_generation,
+    encode_for_loss,
+    logits_of,
+    sequence_nll,
+)
 
 
 @torch.no_grad()
@@ -40,7 +44,7 @@ def score_multiple_choice(
                 ims.append(it.image)
                 opts.append(opt)
         batch = to_device(encode_for_loss(processor, qs, ims, opts), info.device)
-        scores = -example_ce(logits_of(model, batch), batch["labels"]).cpu()
+        scores = -sequence_nll(logits_of(model, batch), batch["labels"]).cpu()
         for i, chunk in zip(idxs, torch.split(scores, counts), strict=True):
             if i >= 0:
                 correct[i] = float(int(chunk.argmax()) == items[i].answer_index)

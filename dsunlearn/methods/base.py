@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from dsunlearn.config import MethodConfig
 from dsunlearn.errors import MethodError
-from dsunlearn.models.encode import sequence_logprob_sum, sequence_nll
+from dsunlearn.models.encode import logits_of, sequence_logprob_sum, sequence_nll
 
 Batch = dict[str, torch.Tensor]
 METHODS: dict[str, type[Method]] = {}
@@ -40,12 +40,6 @@ def build_method(name: str, cfg: MethodConfig) -> Method:
         known = ", ".join(sorted(METHODS))
         raise MethodError(f"unknown method '{name}' (known: {known})")
     return METHODS[name](cfg)
-
-
-def logits_of(model: Callable[..., Any], batch: Batch) -> torch.Tensor:
-    """Forward without labels (we compute our own per-example losses); fp32 logits."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits.float()
 
 
 def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ from dsunlearn.models.encode import (
     encode_examples,
     encode_for_generation,
     encode_for_loss,
+    logits_of,
     sequence_logprob_sum,
     sequence_nll,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "encode_for_generation",
     "encode_for_loss",
     "load_model_and_processor",
+    "logits_of",
     "module_group",
     "pick_attn_implementation",
     "save_model_and_processor",

@@ -7,7 +7,7 @@ serves tiny and real LLaVA / Qwen2-VL models. Image and text-only rows can share
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -135,6 +135,12 @@ def encode_examples(
     if for_generation:
         return encode_for_generation(processor, questions, images)
     return encode_for_loss(processor, questions, images, [ex.answer for ex in examples])
+
+
+def logits_of(model: Callable[..., Any], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward without labels (we compute our own per-example losses); fp32 logits."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits.float()
 
 
 def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

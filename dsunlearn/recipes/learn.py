@@ -26,7 +26,7 @@ from dsunlearn.engine.engine import build_train_engine, optimizer_step
 from dsunlearn.errors import ConfigError, DsunlearnError
 from dsunlearn.eval.evaluate import build_eval_sets, evaluate
 from dsunlearn.fsutil import atomic_dir, write_json_atomic
-from dsunlearn.methods.base import example_ce, logits_of
+from dsunlearn.models.encode import logits_of, sequence_nll
 from dsunlearn.models.loader import load_model_and_processor, save_model_and_processor
 from dsunlearn.recipes.common import (
     deepspeed_config,
@@ -116,7 +116,7 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
     step = 0
     for step in bar:
         batch = encode_batch(processor, augmented(next(stream)), info.device)
-        loss = example_ce(logits_of(engine, batch), batch["labels"]).mean()
+        loss = sequence_nll(logits_of(engine, batch), batch["labels"]).mean()
         optimizer_step(engine, loss, f"learn step {step}")
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.eval_every == 0 or step == cfg.optim.steps:
