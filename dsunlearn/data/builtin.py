@@ -7,6 +7,7 @@ same arguments give byte-identical files, which lets runs cache and compare benc
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -148,12 +149,9 @@ def ensure_benchmark(out_dir: str | Path, **kwargs: Any) -> Path:
     except (OSError, ValueError):
         info = None
     defaults = {
-        "seed": 0,
-        "entities": 20,
-        "forget_pct": 10,
-        "train_images": 6,
-        "heldout_images": 2,
-        "image_size": 32,
+        name: p.default
+        for name, p in inspect.signature(build_benchmark).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     wanted = _params(**{**defaults, **kwargs})
     if isinstance(info, dict) and all(info.get(k) == v for k, v in wanted.items()):
