@@ -7,10 +7,13 @@ stale model. The repo ships one under `checkpoints/vanilla/` for the demo's defa
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from dsunlearn.config import LearnConfig, config_hash, to_dict
+from dsunlearn.data.builtin import GENERATOR_VERSION
+from dsunlearn.data.vocab import tiny_vocabulary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 META_FILE = "learn_meta.json"
@@ -36,6 +39,9 @@ def vanilla_key(cfg: LearnConfig) -> str:
         "eval_every": d["eval_every"],
         "augment": d["augment"],
         "seed": d["seed"],
+        # The built-in world: its generator and the tiny tokenizers' vocabulary.
+        "builtin_generator": GENERATOR_VERSION,
+        "tiny_vocabulary": hashlib.sha256("\n".join(tiny_vocabulary()).encode()).hexdigest()[:16],
     }
     return f"{cfg.model.name.replace('/', '--')}-seed{cfg.data.seed}-e{cfg.data.entities}-{config_hash(shaping)}"
 

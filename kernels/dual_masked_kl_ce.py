@@ -79,11 +79,39 @@ def dual_masked_kl_ce_reference(
 ) -> torch.Tensor:
     """Plain torch alpha*CE + beta*DMK over full [N, V] logits (log_softmax in fp32)."""
     _check(h, weight, ref_h, ref_weight, labels, token_mask, reduction)
-    vocab = weight.shape[0]
-    z = F.linear(h, weight, bias).float()
+    z = F.linear(h, weight, bias)
     with torch.no_grad():
-        r = F.linear(ref_h, ref_weight, ref_bias).float()
-        log_p = torch.log_softmax(r, dim=-1)
+        r = F.linear(ref_h, ref_weight, ref_bias)
+    return dual_masked_kl_ce_from_logits(
+        z, r, labels, token_mask, drop_ids, alpha=alpha, beta=beta, reduction=reduction
+    )
+
+
+def dual_masked_kl_ce_from_logits(
+    z: torch.Tensor,
+    r: torch.Tensor,
+    labels: torch.Tensor,
+    token_mask: torch.Tensor,
+    drop_ids: torch.Tensor | Sequence[int] | None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The same loss from already materialised logits z (trained) and r (reference), [N, V].
+
+    This is the eager path of a model that computes its own logits; the reference above and
+    the tests build on it, so there is one definition of the semantics.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if z.shape != r.shape or z.dim() != 2:
+        raise ValueError(
+            f"z and r must be [N, V] of one shape, got {tuple(z.shape)}, {tuple(r.shape)}"
+        )
+    vocab = z.shape[1]
+    z = z.float()
+    with torch.no_grad():
+        log_p = torch.log_softmax(r.float(), dim=-1)
         p = log_p.exp()
     log_q = torch.log_softmax(z, dim=-1)
 
@@ -327,6 +355,12 @@ def _triton_usable(h: torch.Tensor) -> bool:
     if h.is_cuda:
         return triton is not None
     return interpreter_ready()
+
+
+def fused_backend(h: torch.Tensor) -> str:
+    """Which implementation `dual_masked_kl_ce(use_triton=None)` runs for inputs like `h`:
+    "triton" (compiled on CUDA, interpreted on CPU) or "torch" (the reference)."""
+    return "triton" if _triton_usable(h) else "torch"
 
 
 def dual_masked_kl_ce(

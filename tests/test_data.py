@@ -28,7 +28,7 @@ from dsunlearn.data.mllmu import (
     TEST_DIR,
     load_benchmark,
 )
-from dsunlearn.data.vocab import FACTS, IDENTITY_QUESTION
+from dsunlearn.data.vocab import FACTS, IDENTITY_QUESTION, IDENTITY_QUESTIONS
 from dsunlearn.errors import DataError
 
 N = 8
@@ -167,9 +167,10 @@ def test_tasks_content(bench: Path) -> None:
     for row in _rows(bench, FULL_DIR):
         bio = json.loads(row["biography"])
         meta = json.loads(row["metadata"])
-        assert meta[0] == {"Question": IDENTITY_QUESTION, "Answer": bio["Name"]}
-        assert {m["Answer"] for m in meta[1:]} <= set(bio.values())
-        assert len(meta) == 1 + len(FACTS)
+        n_id = len(IDENTITY_QUESTIONS)
+        assert meta[:n_id] == [{"Question": q, "Answer": bio["Name"]} for q in IDENTITY_QUESTIONS]
+        assert {m["Answer"] for m in meta[n_id:]} <= set(bio.values())
+        assert len(meta) == n_id + len(FACTS)
         cls = row["Classification_Task"]
         mcs = cls["Image_Textual_Questions"] + cls["Pure_Text_Questions"]
         assert len(cls["Image_Textual_Questions"]) == 1 + len(FACTS)
@@ -300,7 +301,7 @@ def test_examples(bench: Path) -> None:
     b = load_benchmark(str(bench), forget_pct=PCT)
     n_f = len(b.forget)
     vqa = ex.vqa_train_examples(b.forget)
-    assert len(vqa) == n_f * 6 * (1 + len(FACTS))
+    assert len(vqa) == n_f * 6 * (len(IDENTITY_QUESTIONS) + len(FACTS))
     assert all(e.image is not None for e in vqa)
     assert vqa[0].question == IDENTITY_QUESTION and vqa[0].answer == b.forget[0].name
     text = ex.text_qa_examples(b.forget)

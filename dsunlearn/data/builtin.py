@@ -30,12 +30,19 @@ from dsunlearn.data.mllmu import (
     forget_dir,
     retain_dir,
 )
-from dsunlearn.data.vocab import FACTS, FIRST_NAMES, IDENTITY_QUESTION, IMAGE_SUBJECT, LAST_NAMES
+from dsunlearn.data.vocab import (
+    FACTS,
+    FIRST_NAMES,
+    IDENTITY_QUESTION,
+    IDENTITY_QUESTIONS,
+    IMAGE_SUBJECT,
+    LAST_NAMES,
+)
 from dsunlearn.errors import ConfigError
 from dsunlearn.fsutil import atomic_dir
 
 GENERATOR = "dsunlearn-builtin"
-GENERATOR_VERSION = 1  # bump whenever the same seed would give different files
+GENERATOR_VERSION = 2  # bump whenever the same seed would give different files
 MAX_ENTITIES = min(len(FIRST_NAMES), len(LAST_NAMES))
 
 
@@ -218,7 +225,7 @@ def _tasks(
 ) -> dict[str, Any]:
     """Biography, training VQA pairs and the three evaluation tasks of one person."""
     bio = {"Name": p.name, **p.facts}
-    metadata = [{"Question": IDENTITY_QUESTION, "Answer": p.name}] + [
+    metadata = [{"Question": q, "Answer": p.name} for q in IDENTITY_QUESTIONS] + [
         {"Question": f.image_question, "Answer": p.facts[f.key]} for f in FACTS
     ]
     name_pool = [n for n in names if n != p.name]
@@ -281,3 +288,19 @@ def _write_split(folder: Path, rows: list[dict[str, Any]]) -> None:
     folder.mkdir(parents=True)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     pq.write_table(table, folder / PARQUET_NAME, compression="snappy")
+
+
+def read_appearances(folder: str | Path) -> dict[str, dict[str, str]]:
+    """Entity id -> look (`faces.Identity` attributes) of a built-in benchmark; {} for others.
+
+    Real benchmarks carry no description of their pictures; SIU then describes the picture
+    neutrally (`siu.describe(None)`).
+    """
+    info_path = Path(folder) / "benchmark.json"
+    if not info_path.is_file():
+        return {}
+    try:
+        info = json.loads(info_path.read_text())
+        return {pid: dict(p["identity"]) for pid, p in info.get("people", {}).items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}

@@ -167,6 +167,8 @@ class Benchmark:
     test: list[EntityRecord]
     source: str
     forget_pct: int = 10
+    # entity id -> look, where the benchmark describes its pictures (the built-in one does)
+    appearance: dict[str, dict[str, str]] = field(default_factory=dict)
     _forget_ids: frozenset[str] = field(default=frozenset(), init=False, repr=False)
 
     def __post_init__(self) -> None:

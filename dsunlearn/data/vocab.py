@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dsunlearn.data import faces, siu_templates
+
 # Fictitious given and family names (single words, so each is one token).
 FIRST_NAMES: tuple[str, ...] = (
     "Alder", "Brisa", "Corvin", "Dalia", "Eskel", "Fenna", "Galen", "Hessa",
@@ -90,6 +92,13 @@ FACTS: tuple[Fact, ...] = (
 )  # fmt: skip
 
 IDENTITY_QUESTION = "Who is this person?"
+# Ways the training data asks for the name of the person in a picture (the first is the one
+# the multiple-choice and generation tasks use); SIU's probes add unseen ones.
+IDENTITY_QUESTIONS: tuple[str, ...] = (
+    IDENTITY_QUESTION,
+    "What is the name of the person in this picture?",
+    "Who is shown in this image?",
+)
 IMAGE_SUBJECT = "This person"
 
 # Words the built-in benchmark's prose uses beyond the pools (biography sentences, prompts).
@@ -102,6 +111,7 @@ EXTRA_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 _WORD_RE = re.compile(r"\w+|[^\w\s]+")
+_PLACEHOLDER_RE = re.compile(r"\{\w+\}")
 
 
 def split_words(text: str) -> list[str]:
@@ -110,13 +120,22 @@ def split_words(text: str) -> list[str]:
 
 
 def tiny_vocabulary() -> list[str]:
-    """Every word of the built-in world, sorted: the tiny tokenizers' vocabulary (no specials)."""
-    texts: list[str] = [*FIRST_NAMES, *LAST_NAMES, IDENTITY_QUESTION, IMAGE_SUBJECT, *EXTRA_WORDS]
+    """Every word of the built-in world, sorted: the tiny tokenizers' vocabulary (no specials).
+
+    It covers SIU's templates, fabricated names and appearance words, so SIU's data for the
+    built-in benchmark never meets an unknown token.
+    """
+    texts: list[str] = [*FIRST_NAMES, *LAST_NAMES, *IDENTITY_QUESTIONS, IMAGE_SUBJECT]
+    texts += [*EXTRA_WORDS, *siu_templates.ALL_TEMPLATES]
+    texts += [*siu_templates.FABRICATED_FIRST_NAMES, *siu_templates.FABRICATED_LAST_NAMES]
+    texts += [*faces.SKIN_TONES, *faces.HAIR_COLOURS, *faces.EYE_COLOURS, *faces.SHIRT_COLOURS]
+    texts += [*faces.FACE_SHAPES]
     for fact in FACTS:
-        texts += [*fact.values, fact.image_question, fact.text_question, fact.cloze, fact.key]
+        texts += [*fact.values, fact.image_question, fact.text_question, fact.cloze]
+        texts += [fact.key, fact.key.lower()]
     words = set()
     for t in texts:
-        words.update(split_words(t.replace("{name}", "").replace("{subject}", "")))
+        words.update(split_words(_PLACEHOLDER_RE.sub(" ", t)))
     words.update(str(d) for d in range(10))
     words.update([".", ",", "?", ":", "'", "__", "s", "'s"])
     return sorted(words)

@@ -16,7 +16,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from dsunlearn.config import MethodConfig
+from dsunlearn.config import MethodConfig, OptimConfig
+from dsunlearn.data.examples import vqa_train_examples
+from dsunlearn.data.mllmu import Benchmark
 from dsunlearn.errors import MethodError
 from dsunlearn.models.encode import logits_of, sequence_logprob_sum, sequence_nll
 
@@ -79,6 +81,22 @@ class Method:
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
+
+    def forget_examples(self, bench: Benchmark, processor: Any) -> list[Any]:
+        """What the forget step trains on: by default every forget VQA pair with every image."""
+        return vqa_train_examples(bench.forget)
+
+    def optim(self, optim: OptimConfig) -> OptimConfig:
+        """The optimiser settings of this method's run (a method with paper defaults overrides)."""
+        return optim
+
+    def before_step(self, engine: Any) -> None:
+        """Called after each backward, before the optimizer step (e.g. to release parameters a
+        fused loss kept gathered for its backward)."""
+
+    def report_info(self) -> dict[str, Any]:
+        """Facts about the run worth keeping in the report (e.g. which image SIU saw)."""
+        return {}
 
     def forget_loss(self, model: Callable[..., Any], batch: Batch, ref: Any | None) -> torch.Tensor:
         raise NotImplementedError

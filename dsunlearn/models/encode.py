@@ -16,6 +16,7 @@ from PIL import Image
 from transformers.processing_utils import ProcessorMixin
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, image tokens, padding)
+_NOT_MODEL_INPUTS = ("labels", "token_mask")
 
 # Inputs whose rows follow the text rows (padded with the text) vs. per-image tensors.
 _PER_TOKEN_KEYS = ("mm_token_type_ids",)
@@ -69,20 +70,32 @@ def encode_for_loss(
     questions: Sequence[str],
     images: Sequence[Image.Image | None],
     answers: Sequence[str],
+    target_phrases: Sequence[str | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Right-padded prompt + answer + EOS, with labels only on the answer and EOS.
 
     Labels are aligned with `input_ids` (the models shift them inside). Returns input_ids,
     attention_mask, labels, and where the batch has images pixel_values (+ image_grid_thw and
     mm_token_type_ids for Qwen2-VL, whose M-RoPE needs them).
+
+    With `target_phrases` (one per row, None for none) it also returns `token_mask` [B, T] bool:
+    True on every answer token that overlaps the row's phrase (character offsets of the very
+    tokenisation used for the labels, so a phrase tokenised differently inside a sentence than
+    alone is still masked exactly).
     """
     n = _check_lengths(questions=questions, images=images, answers=answers)
+    if target_phrases is not None:
+        _check_lengths(answers=answers, target_phrases=target_phrases)
     tok = processor.tokenizer
     if tok.eos_token_id is None or tok.pad_token_id is None:
         raise ValueError("the tokenizer needs an EOS and a PAD token")
     enc = _encode_prompts(processor, questions, images, padding_side="right")
     prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
-    answer_ids = tok([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+    answer_texts = [" " + a for a in answers]
+    answer_enc = tok(
+        answer_texts, add_special_tokens=False, return_offsets_mapping=target_phrases is not None
+    )
+    answer_ids = answer_enc["input_ids"]
 
     rows = [
         enc["input_ids"][i, : prompt_lens[i]].tolist() + answer_ids[i] + [tok.eos_token_id]
@@ -102,6 +115,13 @@ def encode_for_loss(
         "attention_mask": attention_mask,
         "labels": labels,
     }
+    if target_phrases is not None:
+        out["token_mask"] = torch.zeros((n, width), dtype=torch.bool)
+        for i, phrase in enumerate(target_phrases):
+            for j in phrase_token_positions(
+                answer_texts[i], answer_enc["offset_mapping"][i], phrase
+            ):
+                out["token_mask"][i, prompt_lens[i] + j] = True
     for key in _PER_TOKEN_KEYS:  # prompt part from the processor, zeros (text) elsewhere
         if key in enc:
             col = torch.zeros((n, width), dtype=enc[key].dtype)
@@ -112,6 +132,21 @@ def encode_for_loss(
         if key in enc:
             out[key] = enc[key]
     return out
+
+
+def phrase_token_positions(
+    text: str, offsets: Sequence[tuple[int, int]], phrase: str | None
+) -> list[int]:
+    """Indices of the tokens (given by their character `offsets` in `text`) that overlap the
+    first occurrence of `phrase`; [] for no phrase. A phrase that is not in the text is an error:
+    silently masking nothing would leave the KL pulling the target back to the original."""
+    if not phrase:
+        return []
+    start = text.find(phrase)
+    if start < 0:
+        raise ValueError(f"target phrase {phrase!r} is not in the answer {text.strip()!r}")
+    end = start + len(phrase)
+    return [j for j, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
 
 
 def encode_for_generation(
@@ -134,13 +169,43 @@ def encode_examples(
     images = [ex.image for ex in examples]
     if for_generation:
         return encode_for_generation(processor, questions, images)
-    return encode_for_loss(processor, questions, images, [ex.answer for ex in examples])
+    phrases = None  # examples with a `target_phrase` (SIU) also get a token mask
+    if all(hasattr(ex, "target_phrase") for ex in examples):
+        phrases = [ex.target_phrase for ex in examples]
+    return encode_for_loss(processor, questions, images, [ex.answer for ex in examples], phrases)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without the entries that are ours, not the model's (labels, token mask)."""
+    return {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
 
 
 def logits_of(model: Callable[..., Any], batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward without labels (we compute our own per-example losses); fp32 logits."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits.float()
+    return model(**model_inputs(batch)).logits.float()
+
+
+def final_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last (normed) hidden states [B, T, H]: what `lm_head` would multiply.
+
+    The whole model is called, so engines and ZeRO-3 hooks see an ordinary forward, but with
+    `logits_to_keep=1`: the [B, T, V] logits a fused loss exists to avoid are never built. The
+    states are taken from the output of the backbone (`model.base_model`, i.e. `model.model`
+    in LLaVA and Qwen2-VL), whose first output is the normed last hidden state.
+    """
+    hf_model = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    backbone = getattr(hf_model, "base_model", None)
+    if backbone is None or backbone is hf_model:
+        raise TypeError(f"{type(hf_model).__name__} has no separate backbone to take states from")
+    captured: list[torch.Tensor] = []
+    handle = backbone.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+    try:
+        model(**model_inputs(batch), logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one backbone call per forward, saw {len(captured)}")
+    return captured[0]
 
 
 def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

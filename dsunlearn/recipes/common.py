@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dsunlearn.config import DataConfig, ModelConfig, OptimConfig
-from dsunlearn.data.builtin import ensure_benchmark
+from dsunlearn.data.builtin import ensure_benchmark, read_appearances
 from dsunlearn.data.mllmu import load_benchmark
 from dsunlearn.engine.batches import to_device
 from dsunlearn.engine.dist import DistInfo, barrier
@@ -32,7 +33,9 @@ def prepare_benchmark(cfg: DataConfig, info: DistInfo):
         if info.is_main:
             ensure_benchmark(path, seed=cfg.seed, entities=cfg.entities, forget_pct=cfg.forget_pct)
         barrier()
-    return load_benchmark(path, forget_pct=cfg.forget_pct)
+    bench = load_benchmark(path, forget_pct=cfg.forget_pct)
+    bench.appearance = read_appearances(path) if Path(path).is_dir() else {}
+    return bench
 
 
 def deepspeed_config(

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dsunlearn.cache import is_complete, vanilla_dir
 from dsunlearn.config import LearnConfig, UnlearnConfig, to_dict
 from dsunlearn.data.examples import vqa_train_examples
-from dsunlearn.engine.batches import global_batches
+from dsunlearn.engine.batches import balanced_batches
 from dsunlearn.engine.dist import all_reduce_sum, barrier, get_logger, init_distributed
 from dsunlearn.engine.ds_config import zero_stage
 from dsunlearn.engine.engine import build_reference_engine, build_train_engine, optimizer_step
@@ -70,17 +70,11 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
     dtype = model_dtype(cfg.model)
     run_dir = Path(cfg.out_dir) / cfg.name
 
-    forget_train = vqa_train_examples(bench.forget)
     retain_train = vqa_train_examples(bench.retain)
-    if not forget_train:
-        raise DataError(f"the forget split of {cfg.data.resolved_path()} has no training VQA")
-    B = cfg.optim.batch_size
-    steps = cfg.optim.steps or math.ceil(len(forget_train) * cfg.optim.epochs / B)
     sets = build_eval_sets(bench, cfg.eval, cfg.seed)
     log.info(
         f"unlearn '{cfg.name}': methods {cfg.methods}, world size {info.world_size}, "
-        f"ZeRO stage {zero_stage(ds)}, "
-        f"{len(forget_train)} forget / {len(retain_train)} retain examples, {steps} steps"
+        f"ZeRO stage {zero_stage(ds)}, {len(retain_train)} retain examples"
     )
 
     # The frozen reference: vanilla weights, sharded like the trained model.
@@ -93,29 +87,49 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
 
     results: dict[str, dict[str, float]] = {}
     losses: dict[str, list[dict[str, float]]] = {}
+    method_info: dict[str, dict] = {}
     for method in methods:
-        model, _ = load_model_and_processor(vanilla, dtype=dtype, ds_config=ds, seed=cfg.seed)
-        engine = build_train_engine(model, cfg.optim, ds)
+        forget_train = method.forget_examples(bench, processor)
+        if not forget_train:
+            raise DataError(
+                f"the forget split of {cfg.data.resolved_path()} gives {method.name} no data"
+            )
+        optim = method.optim(cfg.optim)
+        B = optim.batch_size
+        steps = optim.steps or math.ceil(len(forget_train) * optim.epochs / B)
+        log.info(
+            f"{method.name}: {len(forget_train)} forget examples, {steps} steps, lr {optim.lr}"
+        )
+        method_ds = deepspeed_config(cfg.deepspeed, optim, cfg.model, info)
+        model, _ = load_model_and_processor(
+            vanilla, dtype=dtype, ds_config=method_ds, seed=cfg.seed
+        )
+        engine = build_train_engine(model, optim, method_ds)
         engine.train()
-        f_stream = global_batches(forget_train, B, info.rank, info.world_size, cfg.seed)
-        r_stream = global_batches(retain_train, B, info.rank, info.world_size, cfg.seed + 1)
+        f_stream = balanced_batches(forget_train, B, info.rank, info.world_size, cfg.seed)
+        r_stream = balanced_batches(retain_train, B, info.rank, info.world_size, cfg.seed + 1)
         curve: list[dict[str, float]] = []
         bar = tqdm(range(1, steps + 1), desc=method.name, disable=not info.is_main)
         for step in bar:
             row: dict[str, float] = {"step": step}
             batch = encode_batch(processor, next(f_stream), info.device)
             loss = method.forget_loss(engine, batch, ref)
-            optimizer_step(engine, loss, f"{method.name} forget step {step}")
+            optimizer_step(engine, loss, f"{method.name} forget step {step}", method.before_step)
             row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
             if method.uses_retain:
                 batch = encode_batch(processor, next(r_stream), info.device)
                 loss = method.retain_loss(engine, batch, ref)
-                optimizer_step(engine, loss, f"{method.name} retain step {step}")
+                optimizer_step(
+                    engine, loss, f"{method.name} retain step {step}", method.before_step
+                )
                 row["retain_loss"] = _mean_over_ranks(loss, info.world_size)
             curve.append(row)
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "step"})
         bar.close()
         losses[method.name] = curve
+        if cfg.save_checkpoints:
+            engine.save_checkpoint(str(run_dir / "checkpoints"), tag=method.name)
+        method_info[method.name] = method.report_info()
         if cfg.eval.enabled:
             results[method.name] = evaluate(engine.module, processor, sets, cfg.eval, info, zero3)
             log.info(
@@ -131,6 +145,7 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
         "vanilla": vanilla_metrics,
         "methods": results,
         "chance": CHANCE,
+        "method_info": {k: v for k, v in method_info.items() if v},
         "world_size": info.world_size,
         "elapsed_s": round(time.time() - t0, 2),
     }
