@@ -12,6 +12,10 @@ from typing import Any
 from dsunlearn.fsutil import atomic_path, write_json_atomic, write_text_atomic
 
 REQUIRED_KEYS = ("vanilla", "methods", "chance", "world_size", "elapsed_s")
+OPTIONAL_KEYS = ("method_info",)  # method name -> facts about its run (e.g. SIU's images)
+# Metrics that are not scores in [0, 1] (flu is a perplexity, >= 1, lower is better): the chart
+# draws them in a panel of their own. Any other metric with a value outside [0, 1] goes there too.
+UNBOUNDED_METRICS = ("flu",)
 
 
 def validate_report(report: dict[str, Any]) -> None:
@@ -25,6 +29,13 @@ def validate_report(report: dict[str, Any]) -> None:
         for key, value in metrics.items():
             if not isinstance(value, (int, float)):
                 raise ValueError(f"report metric {name}.{key} is not a number: {value!r}")
+    info = report.get("method_info", {})
+    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+        raise ValueError("report 'method_info' must map method names to mappings")
+    for name, facts in info.items():
+        images = facts.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(im, dict) for im in images):
+            raise ValueError(f"report method_info.{name}.images must be a list of mappings")
 
 
 def _fmt(v: Any) -> str:
@@ -48,37 +59,110 @@ def report_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+IMAGE_COLUMNS = ("entity_id", "name", "image_index", "sha256")
+
+
+def images_table(report: dict[str, Any]) -> str:
+    """A markdown table of the images each method saw (`method_info[m]["images"]`); "" if none."""
+    rows = [
+        (method, image)
+        for method, facts in report.get("method_info", {}).items()
+        for image in facts.get("images", [])
+    ]
+    if not rows:
+        return ""
+    lines = [
+        "| method | " + " | ".join(IMAGE_COLUMNS) + " |",
+        "|---|" + "---|" * len(IMAGE_COLUMNS),
+    ]
+    for method, image in rows:
+        lines.append(
+            f"| {method} | " + " | ".join(str(image.get(k, "")) for k in IMAGE_COLUMNS) + " |"
+        )
+    return "\n".join(lines)
+
+
 def report_markdown(report: dict[str, Any], title: str) -> str:
-    return (
+    text = (
         f"# {title}\n\n"
         f"World size {report['world_size']}, {report['elapsed_s']:.1f} s, "
         f"multiple-choice chance {report['chance']}.\n\n" + report_table(report) + "\n"
     )
+    images = images_table(report)
+    if images:
+        text += "\n## SIU images\n\nThe one training image each method fine-tuned on.\n\n"
+        text += images + "\n"
+    return text
+
+
+def _is_unbounded(name: str, values: list[float]) -> bool:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return name in UNBOUNDED_METRICS or any(v < 0 or v > 1 for v in finite)
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
-    """Grouped bars: for each metric, vanilla and every method side by side."""
+    """Grouped bars: for each metric, vanilla and every method side by side.
+
+    Scores in [0, 1] share one axis; unbounded metrics (flu, a perplexity) get a panel of their
+    own on a log axis with the values written on the bars, so they do not squash the scores.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = {"vanilla": report["vanilla"], **report["methods"]}
-    metrics = [k for k in report["vanilla"] if isinstance(report["vanilla"][k], (int, float))]
+    metrics: list[str] = []
+    for m in rows.values():
+        metrics += [k for k in m if k not in metrics and isinstance(m[k], (int, float))]
+    wide = [k for k in metrics if _is_unbounded(k, [m.get(k) for m in rows.values()])]
+    unit = [k for k in metrics if k not in wide]
     width = 0.8 / max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(metrics) + 1.5), 4.0))
+    panels = [unit] + ([wide] if wide else [])
+    ratios = [max(1, len(p)) for p in panels]
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(max(6.0, 1.4 * len(metrics) + 2.5), 4.0),
+        gridspec_kw={"width_ratios": ratios},
+        squeeze=False,
+    )
+    ax = axes[0][0]
     for i, (name, m) in enumerate(rows.items()):
-        xs = [j + i * width for j in range(len(metrics))]
-        ax.bar(xs, [m.get(k, 0.0) for k in metrics], width=width, label=name)
+        xs = [j + i * width for j in range(len(unit))]
+        ax.bar(xs, [m.get(k, 0.0) for k in unit], width=width, label=name)
     ax.axhline(report["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))])
-    ax.set_xticklabels(metrics, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(unit))])
+    ax.set_xticklabels(unit, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if wide:
+        wx = axes[0][1]
+        positive = []
+        for i, m in enumerate(rows.values()):
+            xs = [j + i * width for j in range(len(wide))]
+            ys = [m.get(k, math.nan) for k in wide]
+            ys = [
+                y if isinstance(y, (int, float)) and math.isfinite(y) and y > 0 else math.nan
+                for y in ys
+            ]
+            bars = wx.bar(xs, ys, width=width, color=f"C{i}")
+            labels = ["" if math.isnan(y) else f"{y:.3g}" for y in ys]
+            wx.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
+            positive += [y for y in ys if not math.isnan(y)]
+        if positive:
+            wx.set_yscale("log")
+            wx.set_ylim(min(1.0, min(positive)) * 0.9, max(positive) * 4)
+        wx.set_xticks([j + 0.4 - width / 2 for j in range(len(wide))])
+        wx.set_xticklabels(wide, rotation=30, ha="right", fontsize=8)
+        only_flu = wide == ["flu"]
+        wx.set_ylabel("flu: perplexity, lower is better" if only_flu else "value", fontsize=8)
+    axes[0][-1].legend(
+        *ax.get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0)
+    )
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -4,7 +4,17 @@ import math
 
 import pytest
 
-from dsunlearn.eval.metrics import accuracy, lcs_length, rouge_l, rouge_l_recall, words
+from dsunlearn.eval.metrics import (
+    accuracy,
+    distinct_ratio,
+    lcs_length,
+    names_entity,
+    perplexity,
+    probe_metrics,
+    rouge_l,
+    rouge_l_recall,
+    words,
+)
 
 
 def test_words_lowercase_and_strip_punctuation():
@@ -41,3 +51,49 @@ def test_rouge_l_recall():
 def test_accuracy():
     assert accuracy([True, False, True, True]) == 0.75
     assert math.isnan(accuracy([]))
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("This is Jorna Velst.", True),
+        ("this is jorna", True),  # case-insensitive
+        ("(Velst), I think", True),  # punctuation next to the name counts
+        ("JORNA!", True),
+        ("Velst-Ander is here", True),  # a hyphen separates words
+        ("The Jornas live here", False),  # "Jorna" inside "Jornas" is another word
+        ("Kjorna", False),
+        ("This is Mira Tallen .", False),
+        ("", False),
+    ],
+)
+def test_names_entity(answer, expected):
+    assert names_entity(answer, "Jorna Velst") is expected
+
+
+def test_distinct_ratio():
+    assert distinct_ratio("") == 0.0
+    assert distinct_ratio("...") == 0.0  # no word at all
+    assert distinct_ratio("a b c") == 1.0
+    assert distinct_ratio("The cat, the CAT.") == 0.5  # same word split and case as rouge
+
+
+def test_probe_metrics():
+    name = "Jorna Velst"
+    answers = ["This is Jorna .", "It is Mira Tallen .", "", "Velst Velst"]
+    splits = ["train", "train", "heldout", "heldout"]
+    out = probe_metrics(answers, [name] * 4, splits)
+    assert out["eff"] == 0.5  # one of two train answers names her
+    assert out["gen"] == 0.5  # the empty answer does not name her; "Velst Velst" does
+    assert out["div"] == pytest.approx((1.0 + 1.0 + 0.0 + 0.5) / 4)
+    assert set(probe_metrics(["x"], [name], ["train"])) == {"eff", "div"}  # no held-out: no gen
+    assert probe_metrics([], [], []) == {}
+    with pytest.raises(ValueError, match="differ in length"):
+        probe_metrics(["a"], [name, name], ["train"])
+
+
+def test_perplexity():
+    assert perplexity(0.0, 5) == 1.0
+    assert perplexity(2 * math.log(3.0), 2) == pytest.approx(3.0)
+    assert math.isnan(perplexity(1.0, 0))
+    assert perplexity(1e6, 1) == math.inf

@@ -14,7 +14,9 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from dsunlearn.data.mllmu import TYPE_IMAGE, TYPE_TEXT, EntityRecord
+from dsunlearn.data.mllmu import TYPE_IMAGE, TYPE_TEXT, Benchmark, EntityRecord
+from dsunlearn.data.siu import choose_image
+from dsunlearn.data.siu_templates import NEW_NAME_QUESTIONS
 
 T = TypeVar("T")
 
@@ -38,6 +40,21 @@ class MCExample:
     answer_index: int
     image: Image.Image | None
     entity_id: str
+
+
+@dataclass(frozen=True)
+class ProbeExample:
+    """A "who is this?" question about a picture of a forget entity (SIU's EFF/GEN probes).
+
+    `split` is "train" for the one training image SIU fine-tunes on, "heldout" for a held-out
+    image; `name` is the entity's name, which an answer must not contain.
+    """
+
+    question: str
+    image: Image.Image
+    entity_id: str
+    name: str
+    split: str
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,23 @@ def cloze_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
         for r in records
         for c in r.cloze
     ]
+
+
+def identity_probe_examples(bench: Benchmark, image_index: int = 0) -> list[ProbeExample]:
+    """SIU's identity probes: every forget entity, every "who is this?" paraphrase, asked of the
+    training image SIU sees (`choose_image(..., image_index)`) and of each held-out image.
+
+    Order: entity by entity; within one, the train probes, then held-out image by image.
+    """
+    probes: list[ProbeExample] = []
+    for entity in bench.forget:
+        heldout = [im for r in bench.test_forget if r.id == entity.id for im in r.images]
+        _, train_image = choose_image(entity, heldout, image_index)
+        for split, image in [("train", train_image), *(("heldout", im) for im in heldout)]:
+            probes += [
+                ProbeExample(q, image, entity.id, entity.name, split) for q in NEW_NAME_QUESTIONS
+            ]
+    return probes
 
 
 def subsample(items: Sequence[T], max_items: int, seed: int) -> list[T]:

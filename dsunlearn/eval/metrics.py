@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -48,3 +49,59 @@ def accuracy(correct: Sequence[bool]) -> float:
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# SIU / MMUBench metrics on the identity probes ("who is this?" about a forget entity's picture)
+# ---------------------------------------------------------------------------------------------
+
+
+def names_entity(answer: str, name: str) -> bool:
+    """True when any word of `name` occurs in `answer` as a whole word, case-insensitively.
+
+    Words are `words()` tokens, so "Jorna," names Jorna but "Jornas" does not.
+    """
+    return not set(words(name)).isdisjoint(words(answer))
+
+
+def distinct_ratio(answer: str) -> float:
+    """Unique words / words of one answer (MMUBench's DIV per answer); 0 for an empty answer."""
+    w = words(answer)
+    return len(set(w)) / len(w) if w else 0.0
+
+
+def probe_metrics(
+    answers: Sequence[str], names: Sequence[str], splits: Sequence[str]
+) -> dict[str, float]:
+    """EFF, GEN and DIV of the identity-probe answers (one name and split per answer).
+
+    eff: share of "train"-image answers that do not name the entity; gen: the same on "heldout"
+    images; div: mean distinct-word ratio over every answer. A metric without answers is left out.
+    """
+    if not len(answers) == len(names) == len(splits):
+        raise ValueError(
+            f"probe columns differ in length: {len(answers)} answers, {len(names)} names, "
+            f"{len(splits)} splits"
+        )
+    out: dict[str, float] = {}
+    for metric, split in (("eff", "train"), ("gen", "heldout")):
+        kept = [
+            not names_entity(a, n)
+            for a, n, s in zip(answers, names, splits, strict=True)
+            if s == split
+        ]
+        if kept:
+            out[metric] = accuracy(kept)
+    if answers:
+        out["div"] = mean([distinct_ratio(a) for a in answers])
+    return out
+
+
+def perplexity(nll_sum: float, tokens: float) -> float:
+    """exp(total NLL / scored tokens); nan when no token was scored."""
+    if tokens <= 0:
+        return float("nan")
+    try:
+        return math.exp(nll_sum / tokens)
+    except OverflowError:
+        return math.inf

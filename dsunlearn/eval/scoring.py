@@ -15,9 +15,11 @@ import torch
 from dsunlearn.engine.batches import shard_for_rank, to_device
 from dsunlearn.engine.dist import DistInfo, all_reduce_sum
 from dsunlearn.models.encode import (
+    IGNORE_INDEX,
     encode_for_generation,
     encode_for_loss,
     logits_of,
+    sequence_logprob_sum,
     sequence_nll,
 )
 
@@ -95,3 +97,48 @@ def generate_answers(
         for p in parts:
             local.update(p)
     return [local[i] for i in range(len(items))]
+
+
+@torch.no_grad()
+def answer_nll(
+    model: Any,
+    processor: Any,
+    items: Sequence[Any],
+    answers: Sequence[str],
+    per_rank_batch: int,
+    info: DistInfo,
+    skip_ids: Sequence[Sequence[int]] | None = None,
+) -> tuple[float, float]:
+    """(sum of NLL, number of scored tokens) of `answers[i]` given item i's question and image,
+    summed over every answer and every rank (teacher forcing, labels from `encode_for_loss`).
+
+    `skip_ids[i]`, when given, are vocabulary ids left out of row i's labels (FLU leaves out
+    the entity's name tokens, `siu.name_token_ids`, which holds no special token: the final
+    EOS stays scored, so even an empty answer scores one token).
+    """
+    if len(items) != len(answers) or (skip_ids is not None and len(skip_ids) != len(items)):
+        raise ValueError("items, answers and skip_ids must have the same length")
+    nll = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    for idxs in shard_for_rank(len(items), per_rank_batch, info.rank, info.world_size):
+        real = [i if i >= 0 else 0 for i in idxs]  # padded rows run (ZeRO-3), then are dropped
+        batch = encode_for_loss(
+            processor,
+            [items[i].question for i in real],
+            [items[i].image for i in real],
+            [answers[i] for i in real],
+        )
+        if skip_ids is not None:
+            labels = batch["labels"]
+            for row, i in enumerate(real):
+                if skip_ids[i]:
+                    drop = torch.isin(labels[row], torch.tensor(list(skip_ids[i])))
+                    labels[row, drop] = IGNORE_INDEX
+        keep = torch.tensor([i >= 0 for i in idxs], dtype=torch.float64)
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).to(torch.float64)
+        batch = to_device(batch, info.device)
+        row_nll = -sequence_logprob_sum(logits_of(model, batch), batch["labels"]).cpu()
+        nll += (row_nll.to(torch.float64) * keep).sum()
+        tokens += (counts * keep).sum()
+    nll, tokens = all_reduce_sum(nll.to(info.device)), all_reduce_sum(tokens.to(info.device))
+    return float(nll.item()), float(tokens.item())
