@@ -48,7 +48,11 @@ class EvalSets:
 
 
 def build_eval_sets(
-    bench: Any, cfg: EvalConfig, seed: int = 0, siu_image_index: int = 0
+    bench: Any,
+    cfg: EvalConfig,
+    seed: int = 0,
+    siu_image_index: int = 0,
+    with_probes: bool = True,
 ) -> EvalSets:
     """Every evaluation set; `siu_image_index` picks the training image of the eff probes (the
     one SIU fine-tunes on, `siu.choose_image`). Probes are never subsampled: they are few (forget
@@ -72,7 +76,7 @@ def build_eval_sets(
         "forget_gen_rouge_l": cap(gen_vqa_examples(bench.forget)),
         "retain_gen_rouge_l": cap(gen_vqa_examples(bench.retain)),
     }
-    probes = identity_probe_examples(bench, siu_image_index)
+    probes = identity_probe_examples(bench, siu_image_index) if with_probes else []
     return EvalSets(mc=mc, gen=gen, probes=probes)
 
 

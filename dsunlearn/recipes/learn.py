@@ -95,7 +95,7 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
     records = bench.forget + bench.retain
     train = vqa_train_examples(records) + text_qa_examples(records)
     stream = global_batches(train, cfg.optim.batch_size, info.rank, info.world_size, cfg.seed)
-    sets = build_eval_sets(bench, cfg.eval, cfg.seed)
+    sets = build_eval_sets(bench, cfg.eval, cfg.seed, with_probes=False)  # no forgetting yet
     log.info(
         f"learn: {len(train)} examples, {len(records)} entities, world size {info.world_size}, "
         f"up to {cfg.optim.steps} steps -> {out_dir}"

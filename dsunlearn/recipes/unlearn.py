@@ -26,7 +26,7 @@ from dsunlearn.engine.dist import all_reduce_sum, barrier, get_logger, init_dist
 from dsunlearn.engine.ds_config import zero_stage
 from dsunlearn.engine.engine import build_reference_engine, build_train_engine, optimizer_step
 from dsunlearn.errors import DataError, ModelError
-from dsunlearn.eval.evaluate import CHANCE, build_eval_sets, evaluate
+from dsunlearn.eval.evaluate import CHANCE, build_eval_sets, evaluate, generate_probe_answers
 from dsunlearn.fsutil import write_json_atomic
 from dsunlearn.methods import build_method
 from dsunlearn.models.loader import load_model_and_processor
@@ -71,7 +71,7 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
     run_dir = Path(cfg.out_dir) / cfg.name
 
     retain_train = vqa_train_examples(bench.retain)
-    sets = build_eval_sets(bench, cfg.eval, cfg.seed)
+    sets = build_eval_sets(bench, cfg.eval, cfg.seed, cfg.method.siu_image_index)
     log.info(
         f"unlearn '{cfg.name}': methods {cfg.methods}, world size {info.world_size}, "
         f"ZeRO stage {zero_stage(ds)}, {len(retain_train)} retain examples"
@@ -80,9 +80,17 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
     # The frozen reference: vanilla weights, sharded like the trained model.
     ref_model, processor = load_model_and_processor(vanilla, dtype=dtype, ds_config=ds)
     ref = build_reference_engine(ref_model, ds)
-    vanilla_metrics = (
-        evaluate(ref.module, processor, sets, cfg.eval, info, zero3) if cfg.eval.enabled else {}
-    )
+    # The vanilla model's answers to the identity probes: what every method's fluency is
+    # measured on (its perplexity on the original's answers, names left out).
+    original_answers: list[str] | None = None
+    vanilla_metrics: dict[str, float] = {}
+    if cfg.eval.enabled:
+        original_answers = generate_probe_answers(
+            ref.module, processor, sets, cfg.eval, info, zero3
+        )
+        vanilla_metrics = evaluate(
+            ref.module, processor, sets, cfg.eval, info, zero3, probe_answers=original_answers
+        )
     log.info("vanilla: " + ", ".join(f"{k}={v:.3f}" for k, v in vanilla_metrics.items()))
 
     results: dict[str, dict[str, float]] = {}
@@ -131,7 +139,15 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
             engine.save_checkpoint(str(run_dir / "checkpoints"), tag=method.name)
         method_info[method.name] = method.report_info()
         if cfg.eval.enabled:
-            results[method.name] = evaluate(engine.module, processor, sets, cfg.eval, info, zero3)
+            results[method.name] = evaluate(
+                engine.module,
+                processor,
+                sets,
+                cfg.eval,
+                info,
+                zero3,
+                original_answers=original_answers,
+            )
             log.info(
                 f"{method.name}: "
                 + ", ".join(f"{k}={v:.3f}" for k, v in results[method.name].items())
