@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,16 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor
 
-from dsunlearn.data.vocab import FACTS, split_words
+from dsunlearn.data import siu_templates
+from dsunlearn.data.vocab import (
+    EXTRA_WORDS,
+    FACTS,
+    FIRST_NAMES,
+    IDENTITY_QUESTIONS,
+    LAST_NAMES,
+    split_words,
+    tiny_vocabulary,
+)
 from dsunlearn.errors import ModelError
 from dsunlearn.models import (
     IGNORE_INDEX,
@@ -30,6 +40,7 @@ from dsunlearn.models import (
     sequence_logprob_sum,
     sequence_nll,
 )
+from dsunlearn.models.tiny import QWEN_SPECIALS, TINY_BPE_VOCAB_SIZE, build_tiny_bpe_tokenizer
 
 FAMILIES = sorted(TINY_MODELS)
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +129,9 @@ def test_labels_cover_exactly_answer_and_eos(name):
         assert labels[p : p + a].tolist() == answer == row[p : p + a].tolist()
         assert labels[p + a :].eq(IGNORE_INDEX).all() and mask[p + a :].eq(0).all()  # padding
         assert mask[: p + a].eq(1).all()
-        assert tok.decode(answer, skip_special_tokens=True) == answers[i]
+        # Byte-level BPE decodes the leading space that encode_for_loss writes; word-level drops it.
+        said = answers[i] if name == "tiny-llava" else " " + answers[i]
+        assert tok.decode(answer, skip_special_tokens=True) == said
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -149,16 +162,100 @@ def test_prompt_text():
         f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    # Every word of the built-in world is one known token, split exactly like split_words.
     for proc in (llava, qwen):
         tok = proc.tokenizer
         assert tok.unk_token_id not in tok(build_prompt(proc, q, True))["input_ids"]
-        for text in [v for f in FACTS for v in f.values] + [
-            f.cloze.format(subject="This person") for f in FACTS
-        ]:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            assert tok.convert_ids_to_tokens(ids) == split_words(text)
-            assert tok.decode(ids) == " ".join(split_words(text))
+    # tiny-llava: every word of the built-in world is one known token, split like split_words.
+    tok = llava.tokenizer
+    for text in [v for f in FACTS for v in f.values] + [
+        f.cloze.format(subject="This person") for f in FACTS
+    ]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids) == split_words(text)
+        assert tok.decode(ids) == " ".join(split_words(text))
+
+
+def _builtin_texts() -> list[str]:
+    """Every text of the built-in world: names, fact values and questions, SIU's templates."""
+    names = [*FIRST_NAMES, *LAST_NAMES]
+    names += [*siu_templates.FABRICATED_FIRST_NAMES, *siu_templates.FABRICATED_LAST_NAMES]
+    texts = [*names, *(f"{a} {b}" for a, b in zip(FIRST_NAMES, reversed(LAST_NAMES), strict=True))]
+    for f in FACTS:
+        texts += [*f.values, f.image_question, f.text_question, f.cloze, f.key]
+        texts += [f.text_question.format(name="Jorna Quinby"), f.cloze.format(subject="Ivo Pryce")]
+    texts += [*IDENTITY_QUESTIONS, *EXTRA_WORDS, *siu_templates.ALL_TEMPLATES, *tiny_vocabulary()]
+    return texts
+
+
+def _qwen_tokenizer():
+    return _loaded("tiny-qwen2-vl")[1].tokenizer
+
+
+def test_qwen_bpe_round_trips_every_builtin_text():
+    tok = _qwen_tokenizer()
+    _, qwen = _loaded("tiny-qwen2-vl")
+    texts = _builtin_texts()
+    texts += [build_prompt(qwen, q, img) for q in IDENTITY_QUESTIONS for img in (True, False)]
+    texts += ["  two  spaces\n\ttab", "ünïcödé 🙂", "<|image_pad|>x<|im_end|>\n"]
+    for text in texts:
+        for t in (text, " " + text):  # as a prompt and as encode_for_loss writes an answer
+            ids = tok(t, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids, t
+            assert tok.decode(ids) == t  # verbatim: no stripped or added spaces
+
+
+def test_qwen_bpe_is_deterministic():
+    """Same corpus, same vocabulary and merges: twice here and once in a fresh process."""
+    a, b = build_tiny_bpe_tokenizer(QWEN_SPECIALS), build_tiny_bpe_tokenizer(QWEN_SPECIALS)
+    assert a.get_vocab() == b.get_vocab() == _qwen_tokenizer().get_vocab()
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    script = (
+        "import json; from dsunlearn.models.tiny import QWEN_SPECIALS, build_tiny_bpe_tokenizer;"
+        "t = build_tiny_bpe_tokenizer(QWEN_SPECIALS);"
+        "print(json.dumps([t.get_vocab(), t.backend_tokenizer.to_str()]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vocab, backend = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert vocab == a.get_vocab() and backend == a.backend_tokenizer.to_str()
+    assert len(a) == TINY_BPE_VOCAB_SIZE
+
+
+def test_qwen_bpe_word_at_start_differs_from_word_after_space():
+    tok = _qwen_tokenizer()
+
+    def pieces(text: str) -> list[str]:
+        return tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+
+    assert pieces("Jorna") != pieces(" Jorna")
+    assert pieces(" Jorna")[0].startswith("Ġ") and not pieces("Jorna")[0].startswith("Ġ")
+    assert pieces(" Jorna") == pieces("Who is Jorna")[-len(pieces(" Jorna")) :]
+    # Common words are one token; entity names come in several pieces.
+    for word in (" the", " is", " person", " born", " picture", "Who", " Who", "Where"):
+        assert len(pieces(word)) == 1, (word, pieces(word))
+    names = [*FIRST_NAMES, *LAST_NAMES]
+    assert sum(len(pieces(" " + n)) > 1 for n in names) > len(names) // 2
+
+
+def test_qwen_bpe_specials_are_single_ids():
+    tok = _qwen_tokenizer()
+    specials = [tok.pad_token, tok.unk_token, tok.bos_token, tok.eos_token, *QWEN_SPECIALS]
+    assert specials == ["<pad>", "<unk>", "<s>", "</s>", *QWEN_SPECIALS]
+    for i, special in enumerate(specials):  # first ids, in the word-level tokenizer's order
+        assert tok.convert_tokens_to_ids(special) == i
+        assert tok(special, add_special_tokens=False)["input_ids"] == [i]
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    run = "<|vision_start|>" + "<|image_pad|>" * 16 + "<|vision_end|>"  # as the processor writes
+    assert tok(run, add_special_tokens=False)["input_ids"] == [6, *[pad] * 16, 7]
+    assert (tok.padding_side, tok.model_max_length) == ("right", 256)
+    _, processor = _loaded("tiny-qwen2-vl")
+    enc = encode_for_generation(processor, ["Who is this person?"], [face(0)])
+    ids = enc["input_ids"][0].tolist()
+    start = ids.index(6)
+    assert ids[start : start + 18] == [6, *[pad] * 16, 7]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -7,17 +7,26 @@ image tokens, ZeRO-3 partitioning, save/reload) runs on a CPU in seconds:
 - ``tiny-qwen2-vl``: Qwen2-VL vision tower (32x32, patch 4, 2x2 merge -> 16 image tokens) + Qwen2
   decoder with M-RoPE.
 
-Both use a word-level tokenizer over `tiny_vocabulary()`, so every word of the built-in world is
-one token and answers are short token sequences.
+Tokenizers (both deterministic, built in-process, no download):
+
+- ``tiny-llava`` uses a word-level tokenizer over `tiny_vocabulary()` (`build_tiny_tokenizer`):
+  every word of the built-in world is one token, split like `split_words`, and answers are short
+  token sequences. Learned tiny-llava checkpoints depend on exactly this vocabulary.
+- ``tiny-qwen2-vl`` uses a byte-level BPE tokenizer (`build_tiny_bpe_tokenizer`) trained on the
+  built-in world's text, like real Qwen2-VL's: Qwen2's split regex, GPT-2 byte alphabet, no
+  prefix space. A word tokenizes differently at the start of a text than after a space ("Jorna"
+  vs " Jorna" -> "J"... vs "ĠJ"...), entity names are split into several pieces, and no input is
+  ever unknown. Code that maps names or phrases to token ids is tested against this behaviour.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoProcessor,
     CLIPVisionConfig,
@@ -33,7 +42,8 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from dsunlearn.data.vocab import tiny_vocabulary
+from dsunlearn.data import siu_templates
+from dsunlearn.data.vocab import EXTRA_WORDS, FACTS, IDENTITY_QUESTIONS, tiny_vocabulary
 from dsunlearn.errors import ModelError
 
 IMAGE_SIZE = 32  # both families: square RGB images of this side
@@ -48,8 +58,6 @@ QWEN_SPECIALS: tuple[str, ...] = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-# Qwen's chat format names the roles in lower case; the built-in world never uses these words.
-QWEN_ROLE_WORDS: tuple[str, ...] = ("assistant", "system", "user")
 
 # "USER: <image> question ASSISTANT:" -- the LLaVA-1.5 format. Text items are written verbatim, an
 # image item becomes one <image> that the processor expands to one token per patch.
@@ -67,7 +75,7 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-# Qwen2-VL's format without the default system prompt (its words are not in the vocabulary).
+# Qwen2-VL's format without the default system prompt.
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"
@@ -108,6 +116,72 @@ def build_tiny_tokenizer(
         model_max_length=256,
     )
     return tok
+
+
+# Qwen2's pre-tokenizer split (from its tokenizer.json): contractions, letters with at most one
+# leading non-letter (" Jorna" is one piece), single digits, punctuation runs, newlines, spaces.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Small enough that names (seen about once in the corpus) are split into 2-6 pieces, large
+# enough that the template words ("Ġthe", "Ġperson", "ĠWho", "Where") are single tokens.
+TINY_BPE_VOCAB_SIZE = 700
+_PLACEHOLDER_RE = re.compile(r"\{\w+\}")
+
+
+def tiny_bpe_corpus(extra_words: tuple[str, ...] = ()) -> list[str]:
+    """The BPE training text: the built-in world's words and sentences, in a fixed order.
+
+    One line of every vocabulary word (and `extra_words`) separated by spaces, then each fact's
+    values and questions, the identity questions, the extra prose words and SIU's templates,
+    with `{placeholders}` dropped and whitespace collapsed.
+    """
+    texts = [" ".join([*tiny_vocabulary(), *extra_words])]
+    for fact in FACTS:
+        texts += [*fact.values, fact.image_question, fact.text_question, fact.cloze]
+    texts += [*IDENTITY_QUESTIONS, " ".join(EXTRA_WORDS), *siu_templates.ALL_TEMPLATES]
+    lines = [" ".join(_PLACEHOLDER_RE.sub(" ", t).split()) for t in texts]
+    return [line for line in lines if line]
+
+
+def build_tiny_bpe_tokenizer(
+    extra_specials: tuple[str, ...], extra_words: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE tokenizer trained on `tiny_bpe_corpus`: specials first (ids 0..), then bytes.
+
+    Deterministic: the same corpus gives the same vocabulary and merges in every process. Any
+    text encodes without unknown tokens and decodes back verbatim (spaces included, so
+    `encode_for_loss`'s " " + answer decodes with its leading space). Special tokens are matched
+    before pre-tokenization, so "<|image_pad|><|image_pad|>" is two tokens.
+    """
+    specials = [*BASE_SPECIALS, *extra_specials]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_BPE_VOCAB_SIZE,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(tiny_bpe_corpus(extra_words), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        additional_special_tokens=list(extra_specials),
+        clean_up_tokenization_spaces=False,
+        padding_side="right",
+        model_max_length=256,
+    )
 
 
 class TinyQwen2VLProcessor(Qwen2VLProcessor):
@@ -206,7 +280,7 @@ QWEN_TEMPORAL = 2
 
 
 def _qwen_processor() -> TinyQwen2VLProcessor:
-    tok = build_tiny_tokenizer(QWEN_SPECIALS, QWEN_ROLE_WORDS)
+    tok = build_tiny_bpe_tokenizer(QWEN_SPECIALS)
     pixels = IMAGE_SIZE * IMAGE_SIZE
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=pixels,  # any image is resized to about 32x32 pixels
