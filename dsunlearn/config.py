@@ -82,6 +82,7 @@ class MethodConfig:
     siu_steps: int = 6  # per forget entity (SIU unlearns one concept from one image)
     siu_image_index: int = 0  # which training image of each forget entity SIU sees
     siu_other_qa: int = 8  # target 4: how many other-entity text QA pairs per entity
+    siu_augment: bool = False  # a fresh random view (shift/scale/brightness) of the image per step
     siu_loss: str = "fused"  # fused: hidden states + gathered lm_head; eager: full logits
 
 

@@ -1,4 +1,5 @@
-"""Global batches split over ranks: the union over ranks equals the 1-rank batch."""
+"""Global batches split over ranks: the union over ranks equals the 1-rank batch; mixed image
+and text data keeps every rank's modality count equal."""
 
 from itertools import islice
 
@@ -26,3 +27,38 @@ def test_shard_for_rank_same_number_of_batches():
     assert len(shards[0]) == len(shards[1]) == 2
     flat = sorted(i for s in shards for b in s for i in b if i >= 0)
     assert flat == list(range(11))
+
+
+def _kinds(batch, images):
+    return sum(x in images for x in batch)
+
+
+def test_balanced_batches_give_every_rank_the_same_number_of_images():
+    """ZeRO-3: a rank with a text-only batch would skip the vision tower's collectives."""
+    from dsunlearn.engine.batches import balanced_batches
+
+    images = set(range(9))  # 9 image examples, 12 text-only ones (SIU's mix for one person)
+    items = list(range(21))
+    has_image = images.__contains__
+    for world, global_batch in ((2, 4), (2, 2), (4, 8), (1, 4)):
+        streams = [
+            list(islice(balanced_batches(items, global_batch, r, world, 0, has_image), 30))
+            for r in range(world)
+        ]
+        for step in zip(*streams, strict=True):
+            counts = {_kinds(b, images) for b in step}
+            assert len(counts) == 1, (world, global_batch, step)  # same on every rank
+            assert all(len(b) == global_batch // world for b in step)
+            if global_batch // world >= 2:
+                assert counts.pop() >= 1  # and never zero when a rank has room for both
+        seen = {x for s in streams for b in s for x in b}
+        assert seen == set(items)  # nothing starved
+
+
+def test_balanced_batches_single_kind_is_global_batches():
+    from dsunlearn.engine.batches import balanced_batches
+
+    items = list(range(13))
+    a = list(islice(balanced_batches(items, 4, 1, 2, 5, lambda x: True), 6))
+    b = list(islice(global_batches(items, 4, 1, 2, 5), 6))
+    assert a == b

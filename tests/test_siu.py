@@ -277,3 +277,23 @@ def test_two_ranks_fused_matches_eager_after_three_steps(tmp_path, small_bench):
     head0 = next(v for k, v in start.items() if k.endswith("lm_head.weight"))
     moved = (weights["fused"]["lm_head.weight"] - head0).abs().max().item()
     assert moved > 1e-4
+
+
+def test_views_augment_only_with_the_flag(bench):
+    import numpy as np
+
+    plain = build_method("siu", MethodConfig())
+    samples = plain.forget_examples(bench, build_tiny_processor("tiny-llava"))[:10]
+    rng = np.random.default_rng(0)
+    assert plain.views(samples, rng) == samples
+    aug = build_method("siu", MethodConfig(siu_augment=True))
+    views = aug.views(samples, rng)
+    assert [(v.question, v.answer, v.target_phrase) for v in views] == [
+        (s.question, s.answer, s.target_phrase) for s in samples
+    ]
+    for v, s in zip(views, samples, strict=True):
+        if s.image is None:
+            assert v.image is None
+        else:
+            assert v.image.size == s.image.size
+            assert np.asarray(v.image).tolist() != np.asarray(s.image).tolist()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +86,11 @@ class Method:
     def forget_examples(self, bench: Benchmark, processor: Any) -> list[Any]:
         """What the forget step trains on: by default every forget VQA pair with every image."""
         return vqa_train_examples(bench.forget)
+
+    def views(self, examples: list[Any], rng: np.random.Generator) -> list[Any]:
+        """The examples of one step as the model sees them (SIU shows fresh views of its one
+        image); by default unchanged."""
+        return examples
 
     def optim(self, optim: OptimConfig) -> OptimConfig:
         """The optimiser settings of this method's run (a method with paper defaults overrides)."""

@@ -21,9 +21,11 @@ import contextlib
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsunlearn.config import OptimConfig
+from dsunlearn.data.augment import augment_image
 from dsunlearn.data.mllmu import Benchmark
 from dsunlearn.data.siu import SIUData, SIUSample, build_siu_data, name_token_ids
 from dsunlearn.errors import ConfigError, DataError, MethodError
@@ -109,6 +111,17 @@ class SIU(Method):
             ids.update(name_token_ids(processor.tokenizer, d.name))
         self.drop_ids = sorted(ids)
         return [s for d in self.data for s in d.samples]
+
+    def views(self, examples: list[SIUSample], rng: np.random.Generator) -> list[SIUSample]:
+        """With `siu_augment`, each step sees a fresh random shift/scale/brightness/noise of the
+        one image: still a single picture, but the forgetting has to hold for the face rather
+        than for those exact pixels (it is what carries it to the held-out images)."""
+        if not self.cfg.siu_augment:
+            return examples
+        return [
+            replace(s, image=augment_image(s.image, rng)) if s.image is not None else s
+            for s in examples
+        ]
 
     def optim(self, optim: OptimConfig) -> OptimConfig:
         n = max(1, len(self.data))

@@ -15,6 +15,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -116,11 +117,12 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
         engine.train()
         f_stream = balanced_batches(forget_train, B, info.rank, info.world_size, cfg.seed)
         r_stream = balanced_batches(retain_train, B, info.rank, info.world_size, cfg.seed + 1)
+        view_rng = np.random.default_rng([cfg.seed, info.rank])
         curve: list[dict[str, float]] = []
         bar = tqdm(range(1, steps + 1), desc=method.name, disable=not info.is_main)
         for step in bar:
             row: dict[str, float] = {"step": step}
-            batch = encode_batch(processor, next(f_stream), info.device)
+            batch = encode_batch(processor, method.views(next(f_stream), view_rng), info.device)
             loss = method.forget_loss(engine, batch, ref)
             optimizer_step(engine, loss, f"{method.name} forget step {step}", method.before_step)
             row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
