@@ -87,6 +87,22 @@ class MethodConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) instead of full fine-tuning; r = 0 trains every weight."""
+
+    r: int = 0
+    alpha: int = 16
+    dropout: float = 0.0
+    # None: every Linear of the language model except lm_head; else module names or suffixes
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class PeftConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class UnlearnConfig:
     name: str = "unlearn"
     methods: list[str] = field(default_factory=lambda: ["ga"])
@@ -95,6 +111,7 @@ class UnlearnConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)  # peft.lora.r > 0: train adapters
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: str = "configs/deepspeed/zero3_cpu.json"
     out_dir: str = "runs"

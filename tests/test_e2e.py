@@ -49,7 +49,7 @@ def test_small_run_through_the_cli(tmp_path):
             f"data.path={data}",
             "data.entities=6",
             f"vanilla={vanilla}",
-            "methods=[ga,kl_min]",
+            "methods=[ga,kl_min,siu]",
             "eval.max_items=60",
         ],
         tmp_path,
@@ -60,9 +60,14 @@ def test_small_run_through_the_cli(tmp_path):
     report = json.loads((run / "report.json").read_text())
     validate_report(report)
     assert report["world_size"] == 2
-    assert set(report["methods"]) == {"ga", "kl_min"}
+    assert set(report["methods"]) == {"ga", "kl_min", "siu"}
     assert report["methods"]["ga"]["forget_vqa_acc"] < report["vanilla"]["forget_vqa_acc"]
-    assert (run / "report.md").read_text().count("\n| ") == 4  # header, vanilla, 2 methods
+    for row in [report["vanilla"], *report["methods"].values()]:
+        assert {"eff", "gen", "flu", "div"} <= set(row)  # SIU's metrics, for every model
+    (image,) = report["method_info"]["siu"]["images"]  # 1 forget person of 6
+    assert image["image_index"] == 0 and len(image["sha256"]) == 16
+    md = (run / "report.md").read_text()
+    assert md.count("\n| vanilla |") == 1 and "SIU images" in md and image["sha256"] in md
     assert (run / "report.png").stat().st_size > 1000
 
     # `dsunlearn eval` on 1 rank scores the vanilla model exactly as the 2-rank run did.

@@ -30,7 +30,7 @@ from dsunlearn.data.mllmu import Benchmark
 from dsunlearn.data.siu import SIUData, SIUSample, build_siu_data, name_token_ids
 from dsunlearn.errors import ConfigError, DataError, MethodError
 from dsunlearn.methods.base import Batch, Method, register
-from dsunlearn.models.encode import IGNORE_INDEX, final_hidden_states, logits_of
+from dsunlearn.models.encode import IGNORE_INDEX, final_hidden_states, hf_model, logits_of
 from kernels.dual_masked_kl_ce import (
     dual_masked_kl_ce,
     dual_masked_kl_ce_from_logits,
@@ -65,7 +65,7 @@ def _params(linear: torch.nn.Linear) -> list[torch.nn.Parameter]:
 
 
 def _head(model: Any) -> torch.nn.Module:
-    hf = getattr(model, "module", model)
+    hf = hf_model(model)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         raise MethodError(f"{type(hf).__name__} has no linear lm_head for the fused SIU loss")

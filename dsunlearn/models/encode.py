@@ -185,6 +185,14 @@ def logits_of(model: Callable[..., Any], batch: dict[str, torch.Tensor]) -> torc
     return model(**model_inputs(batch)).logits.float()
 
 
+def hf_model(model: Any) -> torch.nn.Module:
+    """The transformers model inside DeepSpeed (`.module`) and peft (`get_base_model`) wrappers."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
 def final_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The decoder's last (normed) hidden states [B, T, H]: what `lm_head` would multiply.
 
@@ -193,10 +201,10 @@ def final_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> torch.Ten
     states are taken from the output of the backbone (`model.base_model`, i.e. `model.model`
     in LLaVA and Qwen2-VL), whose first output is the normed last hidden state.
     """
-    hf_model = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
-    backbone = getattr(hf_model, "base_model", None)
-    if backbone is None or backbone is hf_model:
-        raise TypeError(f"{type(hf_model).__name__} has no separate backbone to take states from")
+    hf = hf_model(model)
+    backbone = getattr(hf, "base_model", None)
+    if backbone is None or backbone is hf:
+        raise TypeError(f"{type(hf).__name__} has no separate backbone to take states from")
     captured: list[torch.Tensor] = []
     handle = backbone.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
     try:

@@ -31,6 +31,7 @@ from dsunlearn.eval.evaluate import CHANCE, build_eval_sets, evaluate, generate_
 from dsunlearn.fsutil import write_json_atomic
 from dsunlearn.methods import build_method
 from dsunlearn.models.loader import load_model_and_processor
+from dsunlearn.models.lora import apply_lora
 from dsunlearn.recipes.common import (
     deepspeed_config,
     encode_batch,
@@ -113,6 +114,7 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
         model, _ = load_model_and_processor(
             vanilla, dtype=dtype, ds_config=method_ds, seed=cfg.seed
         )
+        model = apply_lora(model, cfg.peft.lora)  # unchanged unless peft.lora.r > 0
         engine = build_train_engine(model, optim, method_ds)
         engine.train()
         f_stream = balanced_batches(forget_train, B, info.rank, info.world_size, cfg.seed)

@@ -1,0 +1,64 @@
+"""LoRA adapters (peft) on the language model, for methods that train adapters, not weights.
+
+SIU's paper fine-tunes LLaVA with LoRA. The default targets are every `nn.Linear` of the
+language model except `lm_head` (the vision tower and projector stay frozen), resolved to exact
+module names so that no architecture-specific suffix list is needed. Under ZeRO-3 the adapters
+are created after the base model was partitioned; `deepspeed.initialize` partitions them too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from dsunlearn.config import LoraConfig
+from dsunlearn.errors import ConfigError, ModelError
+from dsunlearn.models.loader import MODULE_GROUPS, module_group
+
+
+def default_lora_targets(model: torch.nn.Module) -> list[str]:
+    """Names of every Linear of the language model but `lm_head`."""
+    arch = type(model).__name__
+    if arch not in MODULE_GROUPS:
+        raise ModelError(
+            f"unsupported architecture {arch!r}; supported: {', '.join(MODULE_GROUPS)}"
+        )
+    head = model.get_output_embeddings()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and module is not head
+        and module_group(arch, name + ".weight") == "language"
+    ]
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> Any:
+    """The model wrapped in peft LoRA adapters (only they train), or unchanged when r == 0."""
+    if cfg.r == 0:
+        return model
+    if cfg.r < 0 or cfg.alpha <= 0 or not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"lora needs r >= 0, alpha > 0 and 0 <= dropout < 1, got {cfg}")
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {n for n, _ in model.named_modules()}
+    if cfg.target_modules:
+        targets = [
+            n for n in names if any(n == t or n.endswith("." + t) for t in cfg.target_modules)
+        ]
+        if not targets:
+            raise ConfigError(
+                f"lora.target_modules {cfg.target_modules} match no module of the model"
+            )
+    else:
+        targets = default_lora_targets(model)
+    if not targets:
+        raise ModelError(f"{type(model).__name__}: no Linear layer of the language model to adapt")
+    pattern = "^(" + "|".join(re.escape(t) for t in sorted(targets)) + ")$"
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=pattern
+    )
+    return get_peft_model(model, peft_cfg)
