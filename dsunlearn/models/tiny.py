@@ -104,7 +104,12 @@ def build_tiny_tokenizer(
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces
-    tok = PreTrainedTokenizerFast(
+    return _fast_tokenizer(backend, extra_specials)
+
+
+def _fast_tokenizer(backend: Tokenizer, extra_specials: tuple[str, ...]) -> PreTrainedTokenizerFast:
+    """The transformers wrapper both tiny tokenizers share: specials, right padding, 256 max."""
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
         unk_token=UNK,
@@ -115,7 +120,6 @@ def build_tiny_tokenizer(
         padding_side="right",
         model_max_length=256,
     )
-    return tok
 
 
 # Qwen2's pre-tokenizer split (from its tokenizer.json): contractions, letters with at most one
@@ -171,17 +175,7 @@ def build_tiny_bpe_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(tiny_bpe_corpus(extra_words), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD,
-        unk_token=UNK,
-        bos_token=BOS,
-        eos_token=EOS,
-        additional_special_tokens=list(extra_specials),
-        clean_up_tokenization_spaces=False,
-        padding_side="right",
-        model_max_length=256,
-    )
+    return _fast_tokenizer(backend, extra_specials)
 
 
 class TinyQwen2VLProcessor(Qwen2VLProcessor):
