@@ -41,6 +41,7 @@ SETTINGS: list[tuple[str, list[str]]] = [
     ("lr 1e-3, 6 steps/person", ["method.siu_lr=1e-3"]),
     ("LoRA r=8 (the paper's setting), lr 3e-4", ["peft.lora.r=8"]),
     ("LoRA r=8, lr 2e-3", ["peft.lora.r=8", "method.siu_lr=2e-3"]),
+    ("LoRA r=8, lr 5e-3", ["peft.lora.r=8", "method.siu_lr=5e-3"]),
 ]
 METRICS = (
     "eff",

@@ -36,6 +36,21 @@ def test_default_targets_are_the_language_models_linears(family):
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
+def test_adapters_are_seeded():
+    """Every rank must create the same adapters before ZeRO-3 partitions them."""
+
+    def adapters(seed: int) -> dict[str, torch.Tensor]:
+        model, _ = load_model_and_processor("tiny-llava", seed=0)
+        torch.manual_seed(1234 + seed)  # whatever the global RNG holds by then
+        wrapped = apply_lora(model, LoraConfig(r=4), seed=7)
+        return {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+
+    a, b = adapters(0), adapters(1)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(a[n].abs().sum() > 0 for n in a if ".lora_A." in n)
+
+
 def test_r0_is_full_fine_tuning_and_bad_settings_fail():
     model, _ = load_model_and_processor("tiny-llava", seed=0)
     assert apply_lora(model, LoraConfig(r=0)) is model

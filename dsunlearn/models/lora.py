@@ -35,8 +35,12 @@ def default_lora_targets(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> Any:
-    """The model wrapped in peft LoRA adapters (only they train), or unchanged when r == 0."""
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> Any:
+    """The model wrapped in peft LoRA adapters (only they train), or unchanged when r == 0.
+
+    The adapters' random initialisation is seeded (without touching the global RNG): every
+    rank must build the same A matrices before ZeRO-3 partitions them, and a rerun the same.
+    """
     if cfg.r == 0:
         return model
     if cfg.r < 0 or cfg.alpha <= 0 or not 0.0 <= cfg.dropout < 1.0:
@@ -61,4 +65,6 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> Any:
     peft_cfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=pattern
     )
-    return get_peft_model(model, peft_cfg)
+    with torch.random.fork_rng(devices=[]):  # adapters are created on the CPU, then moved
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_cfg)

@@ -114,7 +114,7 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
         model, _ = load_model_and_processor(
             vanilla, dtype=dtype, ds_config=method_ds, seed=cfg.seed
         )
-        model = apply_lora(model, cfg.peft.lora)  # unchanged unless peft.lora.r > 0
+        model = apply_lora(model, cfg.peft.lora, cfg.seed)  # unchanged unless peft.lora.r > 0
         engine = build_train_engine(model, optim, method_ds)
         engine.train()
         f_stream = balanced_batches(forget_train, B, info.rank, info.world_size, cfg.seed)
