@@ -114,8 +114,9 @@ class SIU(Method):
 
     def views(self, examples: list[SIUSample], rng: np.random.Generator) -> list[SIUSample]:
         """With `siu_augment`, each step sees a fresh random shift/scale/brightness/noise of the
-        one image: still a single picture, but the forgetting has to hold for the face rather
-        than for those exact pixels (it is what carries it to the held-out images)."""
+        one image: still a single picture, but the forgetting is asked to hold for the face
+        rather than for those exact pixels. Off by default: on the built-in benchmark it made
+        the few steps fit less (gen 0.55 against 0.80; benchmarks/RESULTS.md)."""
         if not self.cfg.siu_augment:
             return examples
         return [
