@@ -2,7 +2,7 @@
 
 import pytest
 
-from dsunlearn.config import LearnConfig, UnlearnConfig, config_hash, load_config
+from dsunlearn.config import LearnConfig, MethodConfig, UnlearnConfig, config_hash, load_config
 from dsunlearn.errors import ConfigError
 
 
@@ -56,4 +56,8 @@ def test_hash_changes_with_settings():
 
 def test_shipped_configs_load():
     cfg = load_config(UnlearnConfig, "configs/demo.yaml")
-    assert set(cfg.methods) == {"ga", "graddiff", "kl_min", "npo"}
+    assert set(cfg.methods) == {"ga", "graddiff", "kl_min", "npo", "siu"}
+    defaults = MethodConfig()  # the demo spells out SIU's paper defaults, and they agree
+    for key in ("siu_alpha", "siu_beta", "siu_lr", "siu_batch_size", "siu_steps", "siu_loss"):
+        assert getattr(cfg.method, key) == getattr(defaults, key), key
+    assert cfg.peft.lora.r == 0
