@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/eval", help="report folder")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="EvalConfig overrides")
 
+    sal = sub.add_parser("saliency", help="MMUnlearner's weight saliency and mask (per rank)")
+    sal.add_argument("--config", help="YAML SaliencyConfig")
+    sal.add_argument("overrides", nargs="*", metavar="key=value")
+
     demo = sub.add_parser("demo", help="end-to-end demo on the built-in benchmark")
     demo.add_argument("--config", help="YAML UnlearnConfig (default configs/demo.yaml)")
     demo.add_argument("--ranks", type=int, default=2, help="ZeRO-3 ranks (default 2)")
@@ -105,6 +109,11 @@ def run(args: argparse.Namespace) -> None:
         eval_cfg = from_dict(EvalConfig, apply_overrides({}, args.overrides))
         data = DataConfig(path=args.data, forget_pct=args.forget_pct)
         run_eval(args.model, data, eval_cfg, args.out, vanilla_dir=args.vanilla)
+    elif args.command == "saliency":
+        from dsunlearn.config import SaliencyConfig
+        from dsunlearn.recipes.saliency import run_saliency
+
+        run_saliency(load_config(SaliencyConfig, args.config, args.overrides))
     elif args.command == "demo":
         from dsunlearn.recipes.demo import run_demo
 

@@ -123,6 +123,33 @@ class UnlearnConfig:
 
 
 @dataclass
+class MaskConfig:
+    """MMUnlearner's saliency mask: which weights the forget step may change."""
+
+    mode: str = "ratio"  # ratio: (F_f + eps) / (F_p + eps) >= tau; topk: the top topk_pct %
+    tau: float = 1.0
+    topk_pct: float = 50.0
+    modules: str = "both"  # vision (with the projector) | language | both
+    linear_only: bool = False  # only the weights of nn.Linear layers
+    eps: float = 1e-12
+
+
+@dataclass
+class SaliencyConfig:
+    """Score every weight of `vanilla` on forget vs preserve data and save the mask."""
+
+    vanilla: str = ""  # the model to score (a folder, hub id or tiny name)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    unit_batch: int = 4  # examples per unit (one global batch)
+    micro_batches: int = 2  # per unit; a multiple of the world size
+    max_units: int = 0  # per loader (0: every complete unit)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    deepspeed: str = "configs/deepspeed/zero3_cpu.json"
+    out_dir: str = "runs/saliency"
+
+
+@dataclass
 class LearnConfig:
     """Fine-tune a vanilla model on every entity so that there is something to forget."""
 

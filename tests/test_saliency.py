@@ -1,0 +1,104 @@
+"""MMUnlearner's saliency on ZeRO-3 partitions: thresholds, masks, 1 rank = 2 ranks bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsunlearn.config import MaskConfig
+from dsunlearn.errors import ConfigError
+from dsunlearn.saliency.mask import build_masks, kth_largest
+from kernels.mask_apply import unpack_mask
+from tests.conftest import DS_CONFIG, REPO, run_deepspeed, save_random_tiny
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("k", [1, 2, 50, 99, 100])
+def test_kth_largest_matches_sorting(k):
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.rand(37, generator=g) * 10, torch.rand(63, generator=g)]
+    parts[1][:5] = 0.0
+    want = torch.cat(parts).sort(descending=True).values[k - 1].item()
+    assert kth_largest(parts, k, CPU) == want
+
+
+def test_topk_counts_exactly_k_plus_ties():
+    scores = {"a": torch.tensor([3.0, 1.0, 2.0, 2.0]), "b": torch.tensor([2.0, 0.5, 9.0])}
+    ones = {n: torch.ones_like(t) for n, t in scores.items()}
+    real = {"a": 4, "b": 3}
+    spec = MaskConfig(mode="topk", topk_pct=100 * 3 / 7, eps=0.0)  # k = 3
+    # S = (F_f + 0) / (1 + 0) = the scores; top 3 = {9, 3} and the tie at 2 (three of them)
+    masks, thr = build_masks(scores, ones, real, lambda n: True, spec, CPU)
+    assert thr == 2.0 and sum(int(m.sum()) for m in masks.values()) == 5
+
+
+def test_padding_and_filtered_params_are_never_selected():
+    f = {"keep": torch.full((6,), 5.0), "skip": torch.full((4,), 5.0)}
+    p = {n: torch.ones_like(t) for n, t in f.items()}
+    masks, _ = build_masks(f, p, {"keep": 4, "skip": 4}, lambda n: n == "keep", MaskConfig(), CPU)
+    assert masks["keep"].tolist() == [True] * 4 + [False] * 2
+    assert not masks["skip"].any()
+
+
+def test_bad_mask_settings():
+    f = {"a": torch.ones(3)}
+    for spec, match in [
+        (MaskConfig(mode="median"), "mode"),
+        (MaskConfig(modules="audio"), "modules"),
+        (MaskConfig(mode="topk", topk_pct=0.0), "topk_pct"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            build_masks(f, f, {"a": 3}, lambda n: True, spec, CPU)
+
+
+def _gathered(folder: Path, world: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full-order masks from the per-rank files: the test gathers, the recipe never does."""
+    summary = json.loads((folder / "summary.json").read_text())
+    recs = [torch.load(folder / f"mask_rank{r}.pt") for r in range(world)]
+    assert [r["world_size"] for r in recs] == [world] * world
+    full = {}
+    for name in recs[0]["masks"]:
+        parts = [unpack_mask(r["masks"][name], r["partition_numel"][name]) for r in recs]
+        full[name] = torch.cat(parts)[: summary["per_param"][name]["numel"]]
+    return full, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ratio", "topk"])
+def test_masks_are_bit_identical_on_one_and_two_ranks(tmp_path, small_bench, mode):
+    vanilla = save_random_tiny("tiny-llava", tmp_path / "vanilla")
+    masks, summaries = {}, {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        args = [
+            "saliency",
+            f"vanilla={vanilla}",
+            f"data.path={small_bench}",
+            "max_units=3",
+            f"mask.mode={mode}",
+            f"out_dir={out}",
+            f"deepspeed={DS_CONFIG}",
+        ]
+        proc = run_deepspeed(world, args, cwd=REPO, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        masks[world], summaries[world] = _gathered(out, world)
+    one, two = masks[1], masks[2]
+    assert one.keys() == two.keys()
+    differing = sum(int((one[n] != two[n]).sum()) for n in one)
+    selected = sum(int(m.sum()) for m in one.values())
+    total = sum(m.numel() for m in one.values())
+    print(f"{mode}: {selected}/{total} selected, {differing} bits differ between 1 and 2 ranks")
+    assert differing == 0
+    assert 0 < selected < total  # the mask picks something, and not everything
+    assert summaries[1]["threshold"] == summaries[2]["threshold"]
+    if mode == "topk":
+        assert selected == round(total * 0.5)  # continuous scores: no ties at the threshold
+    # Each rank held 2 fp32 score buffers of its partition only.
+    assert summaries[2]["score_bytes_rank0"] * 2 == pytest.approx(
+        summaries[1]["score_bytes_rank0"], rel=1e-3
+    )
+    assert set(summaries[1]["per_group"]) == {"vision", "projector", "language"}
