@@ -102,3 +102,37 @@ def test_masks_are_bit_identical_on_one_and_two_ranks(tmp_path, small_bench, mod
         summaries[1]["score_bytes_rank0"], rel=1e-3
     )
     assert set(summaries[1]["per_group"]) == {"vision", "projector", "language"}
+
+
+@pytest.mark.slow
+def test_masked_forget_steps_leave_every_unselected_weight_bit_identical(tmp_path, small_bench):
+    """2 ranks, AdamW with weight decay 0.1, 3 gradient-ascent steps through the masked update."""
+    import subprocess
+
+    from dsunlearn.engine.dist import free_port
+    from dsunlearn.recipes.demo import launch_env
+
+    vanilla = save_random_tiny("tiny-llava", tmp_path / "vanilla")
+    masks = tmp_path / "mask"
+    args = ["saliency", f"vanilla={vanilla}", f"data.path={small_bench}", "max_units=2"]
+    args += ["mask.mode=topk", f"out_dir={masks}", f"deepspeed={DS_CONFIG}"]
+    proc = run_deepspeed(2, args, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def run(*extra: str) -> dict:
+        out = tmp_path / f"update{'_'.join(extra)}.json"
+        launcher = Path(__import__("sys").executable).with_name("deepspeed")
+        cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port())]
+        cmd += ["tests/ranks/masked_update.py", str(vanilla), str(small_bench), str(masks)]
+        cmd += [str(out), "3", *extra]
+        env = launch_env(2) | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    masked = run()
+    print(masked)
+    assert masked["frozen"] > 0 and masked["frozen_changed"] == 0
+    assert masked["selected_moved"] > 0.9 * masked["selected"]
+    control = run("adamw")  # torch's AdamW decays every weight: the frozen ones move
+    assert control["frozen_changed"] > 0.5 * control["frozen"]

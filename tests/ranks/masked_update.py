@@ -1,0 +1,92 @@
+"""Run under `deepspeed --num_gpus N`: N masked GA steps with AdamW and weight decay > 0, then
+report (rank 0) how many weights outside the mask changed. Used by tests/test_saliency.py.
+
+    deepspeed --num_gpus 2 tests/ranks/masked_update.py VANILLA BENCH MASK_DIR OUT_JSON STEPS [adamw]
+
+With `adamw` (the control) the decay is left to torch's AdamW, which decays every weight.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from dsunlearn.config import DataConfig, ModelConfig, OptimConfig
+from dsunlearn.data.examples import vqa_train_examples
+from dsunlearn.engine.batches import global_batches, to_device
+from dsunlearn.engine.dist import init_distributed
+from dsunlearn.engine.engine import build_train_engine, optimizer_step
+from dsunlearn.methods.base import example_ce
+from dsunlearn.models.encode import encode_examples, logits_of
+from dsunlearn.models.loader import load_model_and_processor
+from dsunlearn.recipes.common import deepspeed_config, prepare_benchmark
+from dsunlearn.saliency.apply import MaskedUpdate
+from kernels.mask_apply import unpack_mask
+
+WEIGHT_DECAY = 0.1
+
+
+def gathered_params(engine) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            out[name] = p.detach().clone().cpu().reshape(-1)
+    return out
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # set by deepspeed
+    vanilla, bench_dir, mask_dir, out_json, steps = args[:5]
+    control = args[5:] == ["adamw"]
+    info = init_distributed()
+    bench = prepare_benchmark(DataConfig(path=bench_dir), info)
+    # Decay is the masked update's job; the control hands it to the optimizer instead.
+    optim = OptimConfig(lr=1e-3, weight_decay=WEIGHT_DECAY if control else 0.0, batch_size=4)
+    ds = deepspeed_config("configs/deepspeed/zero3_cpu.json", optim, ModelConfig(), info)
+    model, processor = load_model_and_processor(vanilla, ds_config=ds)
+    engine = build_train_engine(model, optim, ds)
+    record = torch.load(f"{mask_dir}/mask_rank{info.rank}.pt")
+    assert record["world_size"] == info.world_size
+    masks = {n: unpack_mask(b, record["partition_numel"][n]) for n, b in record["masks"].items()}
+    update = MaskedUpdate(engine, masks, 0.0 if control else WEIGHT_DECAY)
+
+    start = gathered_params(engine)
+    stream = global_batches(vqa_train_examples(bench.forget), 4, info.rank, info.world_size, 0)
+    for step in range(int(steps)):
+        batch = to_device(encode_examples(processor, next(stream)), info.device)
+        loss = -example_ce(logits_of(engine, batch), batch["labels"]).mean()  # gradient ascent
+        optimizer_step(engine, loss, f"masked GA step {step}", update.before_step)
+    end = gathered_params(engine)
+
+    # The full mask, gathered here only to check the invariant.
+    import torch.distributed as dist
+
+    gathered: dict[str, torch.Tensor] = {}
+    for name in start:
+        local = masks[name].to(torch.uint8)
+        parts = [torch.empty_like(local) for _ in range(info.world_size)]
+        dist.all_gather(parts, local) if info.world_size > 1 else parts.__setitem__(0, local)
+        gathered[name] = torch.cat(parts).bool()[: start[name].numel()]
+    if info.is_main:
+        frozen_changed = sum(int((start[n] != end[n])[~gathered[n]].sum()) for n in start)
+        selected_moved = sum(int((start[n] != end[n])[gathered[n]].sum()) for n in start)
+        report = {
+            "world_size": info.world_size,
+            "steps": int(steps),
+            "weight_decay": WEIGHT_DECAY,
+            "decay_by": "torch AdamW" if control else "masked update",
+            "frozen": sum(int((~gathered[n]).sum()) for n in start),
+            "frozen_changed": frozen_changed,
+            "selected": sum(int(gathered[n].sum()) for n in start),
+            "selected_moved": selected_moved,
+        }
+        with open(out_json, "w") as f:
+            json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main()
