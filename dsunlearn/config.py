@@ -126,12 +126,13 @@ class UnlearnConfig:
 class MaskConfig:
     """MMUnlearner's saliency mask: which weights the forget step may change."""
 
+    # Defaults are the paper's code: ratio >= 1, language model, Linear weights only.
     mode: str = "ratio"  # ratio: (F_f + eps) / (F_p + eps) >= tau; topk: the top topk_pct %
     tau: float = 1.0
-    topk_pct: float = 50.0
-    modules: str = "both"  # vision (with the projector) | language | both
-    linear_only: bool = False  # only the weights of nn.Linear layers
-    eps: float = 1e-12
+    topk_pct: float = 50.0  # SalUn's default
+    modules: str = "language"  # vision (with the projector) | language | both
+    linear_only: bool = True  # only the weights of the blocks' nn.Linear layers (not lm_head)
+    eps: float = 1e-15
 
 
 @dataclass

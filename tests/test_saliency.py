@@ -36,6 +36,17 @@ def test_topk_counts_exactly_k_plus_ties():
     assert thr == 2.0 and sum(int(m.sum()) for m in masks.values()) == 5
 
 
+def test_paper_defaults():
+    spec = MaskConfig()
+    assert (spec.mode, spec.tau, spec.modules, spec.linear_only, spec.eps) == (
+        "ratio",
+        1.0,
+        "language",
+        True,
+        1e-15,
+    )
+
+
 def test_padding_and_filtered_params_are_never_selected():
     f = {"keep": torch.full((6,), 5.0), "skip": torch.full((4,), 5.0)}
     p = {n: torch.ones_like(t) for n, t in f.items()}
@@ -80,6 +91,8 @@ def test_masks_are_bit_identical_on_one_and_two_ranks(tmp_path, small_bench, mod
             f"data.path={small_bench}",
             "max_units=3",
             f"mask.mode={mode}",
+            "mask.modules=both",  # every weight takes part, so the top-k count is checkable
+            "mask.linear_only=false",
             f"out_dir={out}",
             f"deepspeed={DS_CONFIG}",
         ]
@@ -115,6 +128,7 @@ def test_masked_forget_steps_leave_every_unselected_weight_bit_identical(tmp_pat
     vanilla = save_random_tiny("tiny-llava", tmp_path / "vanilla")
     masks = tmp_path / "mask"
     args = ["saliency", f"vanilla={vanilla}", f"data.path={small_bench}", "max_units=2"]
+    args += ["mask.modules=both", "mask.linear_only=false"]
     args += ["mask.mode=topk", f"out_dir={masks}", f"deepspeed={DS_CONFIG}"]
     proc = run_deepspeed(2, args, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -136,3 +150,20 @@ def test_masked_forget_steps_leave_every_unselected_weight_bit_identical(tmp_pat
     assert masked["selected_moved"] > 0.9 * masked["selected"]
     control = run("adamw")  # torch's AdamW decays every weight: the frozen ones move
     assert control["frozen_changed"] > 0.5 * control["frozen"]
+
+
+@pytest.mark.slow
+def test_paper_default_mask_is_language_linear_weights_with_a_heatmap(tmp_path, small_bench):
+    vanilla = save_random_tiny("tiny-llava", tmp_path / "vanilla")
+    out = tmp_path / "sal"
+    args = ["saliency", f"vanilla={vanilla}", f"data.path={small_bench}", "max_units=2"]
+    proc = run_deepspeed(1, [*args, f"out_dir={out}", f"deepspeed={DS_CONFIG}"], cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    picked = {n: v["selected"] for n, v in summary["per_param"].items()}
+    outside = [n for n, c in picked.items() if c and not n.startswith("model.language_model.")]
+    assert outside == []  # nothing of the vision tower, projector or lm_head
+    assert all(c == 0 for n, c in picked.items() if not n.endswith("proj.weight"))  # Linear only
+    assert sum(picked.values()) > 0
+    assert summary["per_group"]["vision"] == 0.0 and summary["per_group"]["language"] > 0.0
+    assert (out / "saliency.png").stat().st_size > 5000

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsunlearn.config import OptimConfig, SaliencyConfig
@@ -114,10 +115,12 @@ def run_saliency(cfg: SaliencyConfig) -> Path:
     )
 
     real = {n: real_element_count(p, rank) for n, p in named}
+    # The paper masks the blocks' Linear weights (proj/fc/mlp/qkv), never the output head.
+    head = hf_model(engine).get_output_embeddings()
     linear_weights = {
         f"{mod_name}.weight"
         for mod_name, mod in engine.module.named_modules()
-        if isinstance(mod, torch.nn.Linear)
+        if isinstance(mod, torch.nn.Linear) and mod is not head
     }
 
     def selected(name: str) -> bool:
@@ -179,6 +182,7 @@ def run_saliency(cfg: SaliencyConfig) -> Path:
     }
     if info.is_main:
         write_json_atomic(out / "summary.json", summary)
+        plot_heatmap(arch, per_param, out / "saliency.png")
         log.info(f"saliency: {summary['selected_share']:.3f} of the weights selected; {out}")
     barrier()
     return out
@@ -187,3 +191,51 @@ def run_saliency(cfg: SaliencyConfig) -> Path:
 def _layer_key(arch: str, name: str) -> str | None:
     m = _LAYER_RE.search(name)
     return None if m is None else f"{module_group(arch, name)}.{m.group(1)}"
+
+
+def _cell(arch: str, name: str) -> tuple[str, int, str] | None:
+    """(group, layer, module) of a layered weight: where a heat-map cell is."""
+    m = _LAYER_RE.search(name)
+    if m is None:
+        return None
+    module = name[m.end() :].removesuffix(".weight").removesuffix(".bias")
+    return module_group(arch, name), int(m.group(1)), module
+
+
+def plot_heatmap(arch: str, per_param: dict[str, dict[str, int]], path: Path) -> None:
+    """One panel per module group: share of weights selected, layer x module."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict[str, dict[tuple[int, str], list[int]]] = {}
+    for name, v in per_param.items():
+        where = _cell(arch, name)
+        if where is None:
+            continue
+        group, layer, module = where
+        acc = cells.setdefault(group, {}).setdefault((layer, module), [0, 0])
+        acc[0] += v["selected"]
+        acc[1] += v["numel"]
+    if not cells:
+        return
+    top = max(sel / max(1, num) for table in cells.values() for sel, num in table.values())
+    vmax = max(0.01, top)  # the colour scale spans what was selected, not always 0..1
+    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4), squeeze=False)
+    for ax, (group, table) in zip(axes[0], sorted(cells.items()), strict=True):
+        layers = sorted({k[0] for k in table})
+        modules = sorted({k[1] for k in table})
+        grid = np.full((len(modules), len(layers)), np.nan)
+        for (layer, module), (sel, num) in table.items():
+            grid[modules.index(module), layers.index(layer)] = sel / max(1, num)
+        im = ax.imshow(grid, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
+        ax.set_title(f"{group}: share of weights selected")
+        ax.set_xticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_yticks(range(len(modules)), modules, fontsize=7)
+        ax.set_xlabel("layer")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
