@@ -148,6 +148,8 @@ def test_masked_forget_steps_leave_every_unselected_weight_bit_identical(tmp_pat
     print(masked)
     assert masked["frozen"] > 0 and masked["frozen_changed"] == 0
     assert masked["selected_moved"] > 0.9 * masked["selected"]
+    # Clipping sits after the mask: DeepSpeed's clipping norm is the masked gradient's norm.
+    assert masked["clip_norm_rel_gap"] < 1e-5
     control = run("adamw")  # torch's AdamW decays every weight: the frozen ones move
     assert control["frozen_changed"] > 0.5 * control["frozen"]
 

@@ -16,7 +16,7 @@ import torch
 from dsunlearn.config import DataConfig, ModelConfig, OptimConfig
 from dsunlearn.data.examples import vqa_train_examples
 from dsunlearn.engine.batches import global_batches, to_device
-from dsunlearn.engine.dist import init_distributed
+from dsunlearn.engine.dist import all_reduce_sum, init_distributed
 from dsunlearn.engine.engine import build_train_engine, optimizer_step
 from dsunlearn.methods.base import example_ce
 from dsunlearn.models.encode import encode_examples, logits_of
@@ -54,12 +54,24 @@ def main() -> None:
     masks = {n: unpack_mask(b, record["partition_numel"][n]) for n, b in record["masks"].items()}
     update = MaskedUpdate(engine, masks, 0.0 if control else WEIGHT_DECAY)
 
+    masked_norms: list[float] = []
+    norm_gaps: list[float] = []
+
+    def before_step(eng) -> None:
+        update.before_step(eng)
+        buf = eng.optimizer.grad_partitions_flat_buffer
+        sq = all_reduce_sum(buf.double().pow(2).sum().reshape(1))
+        masked_norms.append(float(sq.sqrt()))
+
     start = gathered_params(engine)
     stream = global_batches(vqa_train_examples(bench.forget), 4, info.rank, info.world_size, 0)
     for step in range(int(steps)):
         batch = to_device(encode_examples(processor, next(stream)), info.device)
         loss = -example_ce(logits_of(engine, batch), batch["labels"]).mean()  # gradient ascent
-        optimizer_step(engine, loss, f"masked GA step {step}", update.before_step)
+        optimizer_step(engine, loss, f"masked GA step {step}", before_step)
+        # Mask, then clip: the norm DeepSpeed clipped by is the masked gradient's.
+        clipped_by = float(engine.get_global_grad_norm())
+        norm_gaps.append(abs(clipped_by - masked_norms[-1]) / masked_norms[-1])
     end = gathered_params(engine)
 
     # The full mask, gathered here only to check the invariant.
@@ -83,6 +95,7 @@ def main() -> None:
             "frozen_changed": frozen_changed,
             "selected": sum(int(gathered[n].sum()) for n in start),
             "selected_moved": selected_moved,
+            "clip_norm_rel_gap": max(norm_gaps),
         }
         with open(out_json, "w") as f:
             json.dump(report, f)
