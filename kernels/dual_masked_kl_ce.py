@@ -21,18 +21,12 @@ row, logit gradients computed in forward) or to the reference.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is optional: without it everything falls back to the reference.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from kernels.triton_utils import interpreter_ready, jit_once, tl, triton
 
 IGNORE_INDEX = -100
 _REDUCTIONS = ("mean", "sum", "none")
@@ -217,27 +211,9 @@ def _dmk_ce_row_kernel(
         tl.store(z_row + offs, dz, mask=inb)
 
 
-_KERNELS: dict[bool, object] = {}
-
-
-def interpreter_ready() -> bool:
-    """True when Triton kernels can run on CPU through the interpreter.
-
-    Triton picks compiled vs interpreted when a function is decorated, and its own library
-    functions (tl.sum, tl.max) are decorated when triton is imported: TRITON_INTERPRET=1 must be
-    set before the first `import triton` in the process, not merely before the launch.
-    """
-    if triton is None or os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    return type(tl.standard.sum).__name__ == "InterpretedFunction"
-
-
 def _row_kernel():
     """The jitted row kernel, decorated at first use (once per compiled/interpreted mode)."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_dmk_ce_row_kernel)
-    return _KERNELS[interpret]
+    return jit_once(_dmk_ce_row_kernel)
 
 
 def _default_chunk(n: int, vocab: int) -> int:

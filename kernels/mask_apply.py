@@ -24,16 +24,9 @@ Which DeepSpeed buffer it targets, and when: see the comment above ``mask_apply_
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # Triton is optional: without it everything falls back to the reference.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from kernels.triton_utils import interpreter_ready, jit_once, tl, triton
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 4096  # elements per program (tests lower it to get many programs and a ragged tail)
@@ -120,26 +113,9 @@ def _mask_apply_kernel(
     tl.store(buf_ptr + offs, tl.where(keep, x, tl.zeros_like(x)), mask=inb)
 
 
-_KERNELS: dict[bool, object] = {}
-
-
-def interpreter_ready() -> bool:
-    """True when Triton kernels can run on CPU through the interpreter.
-
-    Same rule as ``kernels.dual_masked_kl_ce.interpreter_ready``: TRITON_INTERPRET=1 must have
-    been set before the first `import triton` in the process, not merely before the launch.
-    """
-    if triton is None or os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    return type(tl.standard.sum).__name__ == "InterpretedFunction"
-
-
 def _kernel():
     """The jitted kernel, decorated at first use (once per compiled/interpreted mode)."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_mask_apply_kernel)
-    return _KERNELS[interpret]
+    return jit_once(_mask_apply_kernel)
 
 
 def _triton_usable(buf: torch.Tensor) -> bool:

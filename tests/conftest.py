@@ -66,3 +66,20 @@ def run_deepspeed(ranks: int, args: list[str], cwd: Path, timeout: int = 600, **
         text=True,
         timeout=timeout,
     )
+
+
+def rerun_under_interpreter(test_file: str, keyword: str) -> None:
+    """Run `test_file -k keyword` in a fresh process with TRITON_INTERPRET=1 and require that
+    every selected test passed. The interpreter must be on before triton is first imported, which
+    other test modules of this process may already have done."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]

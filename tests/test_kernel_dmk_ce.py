@@ -1,10 +1,6 @@
 """alpha*CE + beta*Dual Masked KL: the torch reference on hand cases, the fused path against it."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +8,7 @@ import torch.nn.functional as F
 
 import kernels.dual_masked_kl_ce as dmk
 from kernels.dual_masked_kl_ce import dual_masked_kl_ce, dual_masked_kl_ce_reference
+from tests.conftest import rerun_under_interpreter
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4), torch.bfloat16: dict(atol=5e-3, rtol=5e-2)}
 
@@ -29,17 +26,7 @@ needs_interp = pytest.mark.skipif(
 @pytest.mark.skipif(dmk.triton is None, reason="triton not installed")
 @pytest.mark.skipif(dmk.interpreter_ready(), reason="already in interpreter mode")
 def test_triton_suite_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="2")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "fused"],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    rerun_under_interpreter(__file__, "fused")
 
 
 def make_inputs(n, v, hid, ref_hid, dtype=torch.float32, bias=False, seed=0, drop=(1, 4)):

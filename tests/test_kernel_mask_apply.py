@@ -1,15 +1,11 @@
 """Bit-packed mask apply: packing, the torch reference, and the Triton kernel against it."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import kernels.mask_apply as ma
 from kernels.mask_apply import mask_apply_, mask_apply_reference, pack_mask, unpack_mask
+from tests.conftest import rerun_under_interpreter
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -27,17 +23,7 @@ needs_interp = pytest.mark.skipif(
 @pytest.mark.skipif(ma.triton is None, reason="triton not installed")
 @pytest.mark.skipif(ma.interpreter_ready(), reason="already in interpreter mode")
 def test_triton_suite_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="2")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    rerun_under_interpreter(__file__, "interp")
 
 
 def rand_mask(n: int, p: float = 0.5, seed: int = 0) -> torch.Tensor:
