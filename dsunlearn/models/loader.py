@@ -50,6 +50,17 @@ _WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
 _LIVE_HF_DS_CONFIG: Any = None
 
 
+def block_linears(model: torch.nn.Module) -> list[str]:
+    """Names of the `nn.Linear` modules of the blocks: every Linear but the output head (what
+    LoRA adapts and MMUnlearner's Linear-only mask covers)."""
+    head = model.get_output_embeddings()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    ]
+
+
 def module_group(arch: str, param_name: str) -> str:
     """The part ("vision", "projector" or "language") a parameter belongs to."""
     if arch not in MODULE_GROUPS:

@@ -15,7 +15,7 @@ import torch
 
 from dsunlearn.config import LoraConfig
 from dsunlearn.errors import ConfigError, ModelError
-from dsunlearn.models.loader import MODULE_GROUPS, module_group
+from dsunlearn.models.loader import MODULE_GROUPS, block_linears, module_group
 
 
 def default_lora_targets(model: torch.nn.Module) -> list[str]:
@@ -25,13 +25,8 @@ def default_lora_targets(model: torch.nn.Module) -> list[str]:
         raise ModelError(
             f"unsupported architecture {arch!r}; supported: {', '.join(MODULE_GROUPS)}"
         )
-    head = model.get_output_embeddings()
     return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and module is not head
-        and module_group(arch, name + ".weight") == "language"
+        name for name in block_linears(model) if module_group(arch, name + ".weight") == "language"
     ]
 
 

@@ -31,7 +31,7 @@ from dsunlearn.errors import ConfigError, DataError
 from dsunlearn.fsutil import atomic_path, write_json_atomic
 from dsunlearn.methods.base import example_ce
 from dsunlearn.models.encode import encode_examples, hf_model, logits_of
-from dsunlearn.models.loader import load_model_and_processor, module_group
+from dsunlearn.models.loader import block_linears, load_model_and_processor, module_group
 from dsunlearn.recipes.common import deepspeed_config, model_dtype, prepare_benchmark
 from dsunlearn.saliency.mask import build_masks, check_spec
 from dsunlearn.saliency.scores import Scores, accumulate_units, real_element_count
@@ -116,12 +116,7 @@ def run_saliency(cfg: SaliencyConfig) -> Path:
 
     real = {n: real_element_count(p, rank) for n, p in named}
     # The paper masks the blocks' Linear weights (proj/fc/mlp/qkv), never the output head.
-    head = hf_model(engine).get_output_embeddings()
-    linear_weights = {
-        f"{mod_name}.weight"
-        for mod_name, mod in engine.module.named_modules()
-        if isinstance(mod, torch.nn.Linear) and mod is not head
-    }
+    linear_weights = {f"{name}.weight" for name in block_linears(hf_model(engine))}
 
     def selected(name: str) -> bool:
         group = module_group(arch, name)
@@ -189,8 +184,8 @@ def run_saliency(cfg: SaliencyConfig) -> Path:
 
 
 def _layer_key(arch: str, name: str) -> str | None:
-    m = _LAYER_RE.search(name)
-    return None if m is None else f"{module_group(arch, name)}.{m.group(1)}"
+    cell = _cell(arch, name)
+    return None if cell is None else f"{cell[0]}.{cell[1]}"
 
 
 def _cell(arch: str, name: str) -> tuple[str, int, str] | None:
