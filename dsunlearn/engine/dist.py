@@ -46,6 +46,21 @@ class DistInfo:
 _INFO: DistInfo | None = None
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    DeepSpeed's torch backend builds `deepspeed_shm_comm` (a C++ extension) when it starts on
+    the CPU accelerator. The op only serves `inference_all_reduce`, which training never calls,
+    yet building it costs every fresh environment a compile, and the build holds a lock file in
+    ~/.cache/torch_extensions: a process killed mid-build leaves the lock, and every later start
+    on that machine waits on it forever. DeepSpeed asks its cached compatibility table before
+    building, so marking the op incompatible there skips the build.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_s: int = 600) -> DistInfo:
     """Join (or create) the process group; idempotent."""
     global _INFO
@@ -65,6 +80,8 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
+    else:
+        skip_shm_comm_build()
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=False,
