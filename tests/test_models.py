@@ -358,7 +358,8 @@ _ZERO3_SCRIPT = textwrap.dedent(
                       WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
     import torch
-    deepspeed.init_distributed(dist_backend="gloo")
+    from dsunlearn.engine.dist import init_distributed
+    init_distributed()  # gloo on CPU, and no JIT build of DeepSpeed's shm op (see dist.py)
     from dsunlearn.models import encode_for_loss, load_model_and_processor
     from PIL import Image
     ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}
