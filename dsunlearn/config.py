@@ -67,6 +67,19 @@ class EvalConfig:
 
 
 @dataclass
+class MaskConfig:
+    """MMUnlearner's saliency mask: which weights the forget step may change."""
+
+    # Defaults are the paper's code: ratio >= 1, language model, Linear weights only.
+    mode: str = "ratio"  # ratio: (F_f + eps) / (F_p + eps) >= tau; topk: the top topk_pct %
+    tau: float = 1.0
+    topk_pct: float = 50.0  # SalUn's default
+    modules: str = "language"  # vision (with the projector) | language | both
+    linear_only: bool = True  # only the weights of the blocks' nn.Linear layers (not lm_head)
+    eps: float = 1e-15
+
+
+@dataclass
 class MethodConfig:
     """Hyper-parameters shared by the methods; each method reads the ones it needs."""
 
@@ -84,6 +97,14 @@ class MethodConfig:
     siu_other_qa: int = 8  # target 4: how many other-entity text QA pairs per entity
     siu_augment: bool = False  # a fresh random view (shift/scale/brightness) of the image per step
     siu_loss: str = "fused"  # fused: hidden states + gathered lm_head; eager: full logits
+    # MMUnlearner: the saliency mask (scored on the vanilla weights before the first step, or
+    # loaded from `dsunlearn saliency`'s folder), then the paper's alternating schedule.
+    mmu_mask: MaskConfig = field(default_factory=MaskConfig)
+    mmu_mask_dir: str = ""  # a saliency folder or checkpoint tag with mask_rank<R>.pt files
+    mmu_unit_batch: int = 4  # saliency pass: examples per unit (one global batch)
+    mmu_micro_batches: int = 2  # per unit; a multiple of the world size
+    mmu_max_units: int = 0  # per loader (0: every complete unit)
+    mmu_retain_per_forget: int = 0  # retain steps per forget step; 0: len(retain)/len(forget)
 
 
 @dataclass
@@ -120,19 +141,6 @@ class UnlearnConfig:
     # Keep each unlearned model as a DeepSpeed checkpoint (every rank writes its own ZeRO-3
     # shard, so no rank holds the full model): <out_dir>/<name>/checkpoints/<method>/.
     save_checkpoints: bool = False
-
-
-@dataclass
-class MaskConfig:
-    """MMUnlearner's saliency mask: which weights the forget step may change."""
-
-    # Defaults are the paper's code: ratio >= 1, language model, Linear weights only.
-    mode: str = "ratio"  # ratio: (F_f + eps) / (F_p + eps) >= tau; topk: the top topk_pct %
-    tau: float = 1.0
-    topk_pct: float = 50.0  # SalUn's default
-    modules: str = "language"  # vision (with the projector) | language | both
-    linear_only: bool = True  # only the weights of the blocks' nn.Linear layers (not lm_head)
-    eps: float = 1e-15
 
 
 @dataclass

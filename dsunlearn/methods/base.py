@@ -11,6 +11,8 @@ gives the same gradient as the whole batch on one rank.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -73,12 +75,23 @@ def example_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -sequence_logprob_sum(logits, labels)
 
 
+@dataclass
+class RunContext:
+    """What a method may look at when it is attached to its engine (before the first step)."""
+
+    bench: Benchmark
+    processor: Any
+    info: Any  # engine.dist.DistInfo
+    run_dir: Path
+
+
 class Method:
     """Base class. Subclasses set the class flags and implement the losses they use."""
 
     name: ClassVar[str] = ""
     uses_retain: ClassVar[bool] = False  # take a retain step after every forget step
     uses_reference: ClassVar[bool] = False  # needs the frozen vanilla model
+    masks_weights: ClassVar[bool] = False  # acts on the model's own weights (no LoRA)
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
@@ -96,9 +109,20 @@ class Method:
         """The optimiser settings of this method's run (a method with paper defaults overrides)."""
         return optim
 
-    def before_step(self, engine: Any) -> None:
-        """Called after each backward, before the optimizer step (e.g. to release parameters a
-        fused loss kept gathered for its backward)."""
+    def attach(self, engine: Any, ctx: RunContext) -> None:
+        """Called once the training engine holds the vanilla weights, before the first step
+        (MMUnlearner scores them there and builds its mask)."""
+
+    def retain_steps_per_forget(self, n_forget: int, n_retain: int) -> int:
+        """How many retain steps follow each forget step (methods with `uses_retain`)."""
+        return 1
+
+    def before_step(self, engine: Any, phase: str = "forget") -> None:
+        """Called after each backward, before the optimizer step; `phase` is "forget" or
+        "retain" (e.g. to release parameters a fused loss kept gathered for its backward)."""
+
+    def save(self, folder: Path, rank: int) -> None:
+        """Write what a checkpoint of this method needs besides the engine state."""
 
     def report_info(self) -> dict[str, Any]:
         """Facts about the run worth keeping in the report (e.g. which image SIU saw)."""

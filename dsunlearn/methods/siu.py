@@ -188,10 +188,11 @@ class SIU(Method):
                 ref_bias=ref_head.bias,
             )
 
-    def release_head(self, _engine: Any = None) -> None:
+    def release_head(self) -> None:
         """Re-partition the trained head gathered by the fused loss (after its backward)."""
         if self._held is not None:
             self._held.close()
             self._held = None
 
-    before_step = release_head
+    def before_step(self, engine: Any = None, phase: str = "forget") -> None:
+        self.release_head()

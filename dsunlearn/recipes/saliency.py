@@ -14,56 +14,21 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from dsunlearn.config import OptimConfig, SaliencyConfig
-from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
-from dsunlearn.engine.batches import to_device
 from dsunlearn.engine.dist import all_reduce_sum, barrier, get_logger, init_distributed
 from dsunlearn.engine.engine import build_train_engine
-from dsunlearn.errors import ConfigError, DataError
+from dsunlearn.errors import ConfigError
 from dsunlearn.fsutil import atomic_path, write_json_atomic
-from dsunlearn.methods.base import example_ce
-from dsunlearn.models.encode import encode_examples, hf_model, logits_of
-from dsunlearn.models.loader import block_linears, load_model_and_processor, module_group
+from dsunlearn.models.loader import load_model_and_processor, module_group
 from dsunlearn.recipes.common import deepspeed_config, model_dtype, prepare_benchmark
-from dsunlearn.saliency.mask import build_masks, check_spec
-from dsunlearn.saliency.scores import Scores, accumulate_units, real_element_count
-from kernels.mask_apply import pack_mask
-
-
-def _units(
-    examples: Sequence[Any], cfg: SaliencyConfig, rank: int, world: int
-) -> Iterator[list[list[Any]]]:
-    """This rank's micro-batches of each complete unit, in data order (no shuffling)."""
-    per_micro = cfg.unit_batch // cfg.micro_batches
-    mine = cfg.micro_batches // world
-    n_units = len(examples) // cfg.unit_batch
-    if cfg.max_units:
-        n_units = min(n_units, cfg.max_units)
-    for u in range(n_units):
-        unit = examples[u * cfg.unit_batch : (u + 1) * cfg.unit_batch]
-        micros = [unit[i * per_micro : (i + 1) * per_micro] for i in range(cfg.micro_batches)]
-        yield micros[rank * mine : (rank + 1) * mine]
-
-
-def _check(cfg: SaliencyConfig, world: int) -> None:
-    if cfg.micro_batches < 1 or cfg.unit_batch % cfg.micro_batches:
-        raise ConfigError(
-            f"unit_batch {cfg.unit_batch} must split into {cfg.micro_batches} micro-batches"
-        )
-    if cfg.micro_batches % world:
-        raise ConfigError(
-            f"micro_batches {cfg.micro_batches} must be a multiple of the world size {world}"
-        )
-    check_spec(cfg.mask)
-
+from dsunlearn.saliency.compute import check_saliency, compute_saliency
+from dsunlearn.saliency.store import save_mask
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
@@ -72,7 +37,7 @@ def run_saliency(cfg: SaliencyConfig) -> Path:
     t0 = time.time()
     info = init_distributed()
     log = get_logger()
-    _check(cfg, info.world_size)
+    check_saliency(cfg, info.world_size)
     if not cfg.vanilla:
         raise ConfigError("saliency needs vanilla=MODEL (the model whose weights are scored)")
     bench = prepare_benchmark(cfg.data, info)
@@ -83,71 +48,24 @@ def run_saliency(cfg: SaliencyConfig) -> Path:
     )
     engine = build_train_engine(model, optim, ds)
     engine.train()
-    arch = type(hf_model(engine)).__name__
-    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    scores = Scores.zeros(named, info.device)
-
-    def loss_fn(eng: Any, examples: list[Any]) -> torch.Tensor:
-        batch = to_device(encode_examples(processor, examples), info.device)
-        return example_ce(logits_of(eng, batch), batch["labels"]).mean()
-
-    def language(name: str) -> bool:
-        return module_group(arch, name) == "language"
-
-    forget = vqa_train_examples(bench.forget)
-    if len(forget) < cfg.unit_batch:
-        raise DataError(f"{len(forget)} forget examples: fewer than one unit of {cfg.unit_batch}")
-    rank, world = info.rank, info.world_size
-    n_f = accumulate_units(engine, named, scores.forget, _units(forget, cfg, rank, world), loss_fn)
-    n_r = accumulate_units(
-        engine,
-        named,
-        scores.preserve,
-        _units(vqa_train_examples(bench.retain), cfg, rank, world),
-        loss_fn,
-    )
-    texts = text_qa_examples([*bench.forget, *bench.retain])
-    n_t = accumulate_units(
-        engine, named, scores.preserve, _units(texts, cfg, rank, world), loss_fn, language
-    )
+    result = compute_saliency(engine, processor, bench, cfg, info)
+    arch, named, masks, threshold = result.arch, result.named, result.masks, result.threshold
+    n_f, n_r, n_t = (result.units[k] for k in ("forget", "retain_vqa", "text_qa"))
     log.info(
-        f"saliency: {n_f} forget, {n_r} retain-VQA, {n_t} text units; scores {scores.nbytes() / 2**20:.1f} MiB per rank"
-    )
-
-    real = {n: real_element_count(p, rank) for n, p in named}
-    # The paper masks the blocks' Linear weights (proj/fc/mlp/qkv), never the output head.
-    linear_weights = {f"{name}.weight" for name in block_linears(hf_model(engine))}
-
-    def selected(name: str) -> bool:
-        group = module_group(arch, name)
-        if cfg.mask.modules == "vision" and group == "language":
-            return False
-        if cfg.mask.modules == "language" and group != "language":
-            return False
-        return not cfg.mask.linear_only or name in linear_weights
-
-    masks, threshold = build_masks(
-        scores.forget, scores.preserve, real, selected, cfg.mask, info.device
+        f"saliency: {n_f} forget, {n_r} retain-VQA, {n_t} text units; "
+        f"scores {result.score_bytes / 2**20:.1f} MiB per rank"
     )
 
     out = Path(cfg.out_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier()
-    record = {
-        "masks": {n: pack_mask(m) for n, m in masks.items()},  # 1 bit per weight
-        "partition_numel": {n: m.numel() for n, m in masks.items()},
-        "spec": asdict(cfg.mask),
-        "threshold": threshold,
-        "world_size": world,
-        "rank": rank,
-    }
-    with atomic_path(out / f"mask_rank{rank}.pt") as tmp:
-        torch.save(record, tmp)
+    save_mask(out, masks, cfg.mask, threshold, info.world_size, info.rank)
 
     # Shares selected: counts all-reduced per parameter, never the masks themselves.
     names = [n for n, _ in named]
-    picked = all_reduce_sum(torch.tensor([int(masks[n].sum()) for n in names], dtype=torch.int64))
+    local = [int(masks[n].sum()) for n in names]
+    picked = all_reduce_sum(torch.tensor(local, dtype=torch.int64, device=info.device)).cpu()
     totals = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in named}
     per_param = {
         n: {"selected": int(c), "numel": totals[n]}
@@ -165,9 +83,9 @@ def run_saliency(cfg: SaliencyConfig) -> Path:
     summary = {
         "spec": asdict(cfg.mask),
         "threshold": threshold,
-        "world_size": world,
+        "world_size": info.world_size,
         "units": {"forget": n_f, "retain_vqa": n_r, "text_qa": n_t},
-        "score_bytes_rank0": scores.nbytes(),  # F_forget + F_preserve: 2 x fp32 partition
+        "score_bytes_rank0": result.score_bytes,  # F_forget + F_preserve: 2 x fp32 partition
         "selected_share": sum(v["selected"] for v in per_param.values())
         / max(1, sum(totals.values())),
         "per_group": {k: a / max(1, b) for k, (a, b) in groups.items()},

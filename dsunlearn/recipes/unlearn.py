@@ -2,9 +2,11 @@
 
 Per method, read top to bottom:
   1. load the vanilla weights into a fresh ZeRO-3 training engine;
-  2. for each iteration: a forget step (loss, backward, step), then, if the method has one, a
-     retain step; the frozen reference engine (shared by all methods) feeds KL and NPO;
-  3. evaluate on all ranks and add the metrics to the report.
+  2. the method attaches to its engine (MMUnlearner scores the vanilla weights there);
+  3. for each iteration: a forget step (loss, backward, step), then, if the method has them,
+     its retain steps (one; MMUnlearner: len(retain)/len(forget)); the frozen reference engine
+     (shared by all methods) feeds KL and NPO;
+  4. evaluate on all ranks and add the metrics to the report.
 The report (json, md, png) and the per-step losses are written at the end, atomically.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +29,11 @@ from dsunlearn.engine.batches import balanced_batches
 from dsunlearn.engine.dist import all_reduce_sum, barrier, get_logger, init_distributed
 from dsunlearn.engine.ds_config import zero_stage
 from dsunlearn.engine.engine import build_reference_engine, build_train_engine, optimizer_step
-from dsunlearn.errors import DataError, ModelError
+from dsunlearn.errors import ConfigError, DataError, ModelError
 from dsunlearn.eval.evaluate import CHANCE, build_eval_sets, evaluate, generate_probe_answers
 from dsunlearn.fsutil import write_json_atomic
 from dsunlearn.methods import build_method
+from dsunlearn.methods.base import RunContext
 from dsunlearn.models.loader import load_model_and_processor
 from dsunlearn.models.lora import apply_lora
 from dsunlearn.recipes.common import (
@@ -63,6 +67,12 @@ def _mean_over_ranks(x: torch.Tensor, world: int) -> float:
 def run_unlearn(cfg: UnlearnConfig) -> Path:
     t0 = time.time()
     methods = [build_method(name, cfg.method) for name in cfg.methods]  # fail fast on a typo
+    for method in methods:
+        if method.masks_weights and cfg.peft.lora.r > 0:
+            raise ConfigError(
+                f"{method.name} masks the model's own weights: it does not combine with "
+                "peft.lora.r > 0"
+            )
     info = init_distributed()
     log = get_logger()
     bench = prepare_benchmark(cfg.data, info)
@@ -117,6 +127,12 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
         model = apply_lora(model, cfg.peft.lora, cfg.seed)  # unchanged unless peft.lora.r > 0
         engine = build_train_engine(model, optim, method_ds)
         engine.train()
+        method.attach(engine, RunContext(bench, processor, info, run_dir))
+        n_retain = (
+            method.retain_steps_per_forget(len(forget_train), len(retain_train))
+            if method.uses_retain
+            else 0
+        )
         f_stream = balanced_batches(forget_train, B, info.rank, info.world_size, cfg.seed)
         r_stream = balanced_batches(retain_train, B, info.rank, info.world_size, cfg.seed + 1)
         view_rng = np.random.default_rng([cfg.seed, info.rank])
@@ -126,21 +142,26 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
             row: dict[str, float] = {"step": step}
             batch = encode_batch(processor, method.views(next(f_stream), view_rng), info.device)
             loss = method.forget_loss(engine, batch, ref)
-            optimizer_step(engine, loss, f"{method.name} forget step {step}", method.before_step)
+            forget_hook = partial(method.before_step, phase="forget")
+            optimizer_step(engine, loss, f"{method.name} forget step {step}", forget_hook)
             row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
-            if method.uses_retain:
+            retain_losses = []
+            for _ in range(n_retain):
                 batch = encode_batch(processor, next(r_stream), info.device)
                 loss = method.retain_loss(engine, batch, ref)
-                optimizer_step(
-                    engine, loss, f"{method.name} retain step {step}", method.before_step
-                )
-                row["retain_loss"] = _mean_over_ranks(loss, info.world_size)
+                retain_hook = partial(method.before_step, phase="retain")
+                optimizer_step(engine, loss, f"{method.name} retain step {step}", retain_hook)
+                retain_losses.append(_mean_over_ranks(loss, info.world_size))
+            if retain_losses:
+                row["retain_loss"] = sum(retain_losses) / len(retain_losses)
             curve.append(row)
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "step"})
         bar.close()
         losses[method.name] = curve
         if cfg.save_checkpoints:
             engine.save_checkpoint(str(run_dir / "checkpoints"), tag=method.name)
+            method.save(run_dir / "checkpoints" / method.name, info.rank)
+            barrier()
         method_info[method.name] = method.report_info()
         if cfg.eval.enabled:
             results[method.name] = evaluate(

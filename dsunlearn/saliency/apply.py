@@ -14,6 +14,12 @@ With both, an unselected weight sees a zero gradient, zero Adam moments (in a fo
 and no decay, so it stays bit-identical. Clipping: DeepSpeed clips inside `step`, by the norm of
 the gradient partitions it then reads, i.e. *after* this mask (mask, then clip: the frozen
 weights' gradients do not shrink the salient ones' update). The paper clips, then masks.
+
+In the alternating schedule the retain step is unmasked and decays every matrix (`phase`
+"retain"), as torch's AdamW would. What may move an unselected weight in a *forget* step is
+then only the Adam momentum the retain steps left: retain signal, kept on purpose. Freezing
+it too would need a copy of the fp32 partition per step; what is guaranteed and tested is that
+no forget gradient ever reaches an unselected weight.
 """
 
 from __future__ import annotations
@@ -58,11 +64,25 @@ class MaskedUpdate:
         ]
         self.weight_decay = weight_decay
         self.engine = engine
+        self._counts = (
+            int(flat.sum()),
+            sum(int(getattr(p, "ds_numel", p.numel())) for p in params),
+        )
+
+    def selected_counts(self) -> tuple[int, int]:
+        """(weights selected, trainable weights) over all ranks."""
+        from dsunlearn.engine.dist import all_reduce_sum
+
+        local = torch.tensor([self._counts[0]], dtype=torch.int64, device=self.packed.device)
+        selected = all_reduce_sum(local)
+        return int(selected.item()), self._counts[1]
 
     def mask_gradients(self) -> None:
         mask_apply_(self.engine.optimizer.grad_partitions_flat_buffer, self.packed)
 
-    def masked_weight_decay(self) -> None:
+    def weight_decay_(self, masked: bool) -> None:
+        """AdamW's decoupled decay, p *= 1 - lr * wd, before the step (as torch's AdamW does);
+        on the selected entries only when `masked`."""
         if self.weight_decay == 0.0:
             return
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
@@ -73,9 +93,17 @@ class MaskedUpdate:
             value = safe_get_local_fp32_param(p)
             if value is None:
                 continue
-            mask = m.to(value.device)
-            safe_set_local_fp32_param(p, torch.where(mask, value * factor, value))
+            if masked:
+                value = torch.where(m.to(value.device), value * factor, value)
+            else:
+                value = value * factor
+            safe_set_local_fp32_param(p, value)
 
-    def before_step(self, _engine: Any = None) -> None:
-        self.mask_gradients()
-        self.masked_weight_decay()
+    def before_step(self, _engine: Any = None, phase: str = "forget") -> None:
+        """Forget step: mask the gradient, decay the selected weights. Retain step: no mask,
+        decay every matrix."""
+        if phase == "forget":
+            self.mask_gradients()
+        elif phase != "retain":
+            raise ValueError(f"unknown step phase '{phase}'")
+        self.weight_decay_(masked=phase == "forget")

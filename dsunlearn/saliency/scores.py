@@ -1,4 +1,4 @@
-"""Importance scores F = sum of squared gradients, on each rank's own ZeRO-3 partition.
+"""Importance scores F = squared gradients summed per unit, on each rank's own ZeRO-3 partition.
 
 Why the pass is shaped like this:
 - Under ZeRO-3 the reduced gradient of a parameter lives only as this rank's partition

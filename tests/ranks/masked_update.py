@@ -23,7 +23,7 @@ from dsunlearn.models.encode import encode_examples, logits_of
 from dsunlearn.models.loader import load_model_and_processor
 from dsunlearn.recipes.common import deepspeed_config, prepare_benchmark
 from dsunlearn.saliency.apply import MaskedUpdate
-from kernels.mask_apply import unpack_mask
+from dsunlearn.saliency.store import load_mask
 
 WEIGHT_DECAY = 0.1
 
@@ -38,6 +38,19 @@ def gathered_params(engine) -> dict[str, torch.Tensor]:
     return out
 
 
+def full_masks(masks: dict[str, torch.Tensor], params: dict[str, torch.Tensor], info):
+    """The full mask of each parameter, gathered here only to check invariants."""
+    import torch.distributed as dist
+
+    out: dict[str, torch.Tensor] = {}
+    for name in params:
+        local = masks[name].to(torch.uint8)
+        parts = [torch.empty_like(local) for _ in range(info.world_size)]
+        dist.all_gather(parts, local) if info.world_size > 1 else parts.__setitem__(0, local)
+        out[name] = torch.cat(parts).bool()[: params[name].numel()]
+    return out
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # set by deepspeed
     vanilla, bench_dir, mask_dir, out_json, steps = args[:5]
@@ -49,9 +62,7 @@ def main() -> None:
     ds = deepspeed_config("configs/deepspeed/zero3_cpu.json", optim, ModelConfig(), info)
     model, processor = load_model_and_processor(vanilla, ds_config=ds)
     engine = build_train_engine(model, optim, ds)
-    record = torch.load(f"{mask_dir}/mask_rank{info.rank}.pt")
-    assert record["world_size"] == info.world_size
-    masks = {n: unpack_mask(b, record["partition_numel"][n]) for n, b in record["masks"].items()}
+    masks, _ = load_mask(mask_dir, info.rank, info.world_size)
     update = MaskedUpdate(engine, masks, 0.0 if control else WEIGHT_DECAY)
 
     masked_norms: list[float] = []
@@ -74,15 +85,7 @@ def main() -> None:
         norm_gaps.append(abs(clipped_by - masked_norms[-1]) / masked_norms[-1])
     end = gathered_params(engine)
 
-    # The full mask, gathered here only to check the invariant.
-    import torch.distributed as dist
-
-    gathered: dict[str, torch.Tensor] = {}
-    for name in start:
-        local = masks[name].to(torch.uint8)
-        parts = [torch.empty_like(local) for _ in range(info.world_size)]
-        dist.all_gather(parts, local) if info.world_size > 1 else parts.__setitem__(0, local)
-        gathered[name] = torch.cat(parts).bool()[: start[name].numel()]
+    gathered = full_masks(masks, start, info)
     if info.is_main:
         frozen_changed = sum(int((start[n] != end[n])[~gathered[n]].sum()) for n in start)
         selected_moved = sum(int((start[n] != end[n])[gathered[n]].sum()) for n in start)

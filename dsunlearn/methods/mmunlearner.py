@@ -1,0 +1,115 @@
+"""MMUnlearner: gradient ascent confined to the weights that carry the visual concept.
+
+1. `attach`: before the first step the engine holds the vanilla weights; the saliency pass
+   scores them on each rank's own ZeRO-3 partition (forget VQA vs retain VQA + all entities'
+   text QA) and builds the mask, or the mask is loaded from `method.mmu_mask_dir`.
+2. The paper's alternating schedule: one forget step, -CE(forget VQA) with the gradient masked
+   in place before the optimizer step, then len(retain)/len(forget) retain steps, +CE(retain
+   VQA), unmasked.
+3. Weight decay is applied by `saliency.apply.MaskedUpdate` (the engine's AdamW runs with
+   weight_decay 0): selected weights only in a forget step, every matrix in a retain step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from dsunlearn.config import MethodConfig, OptimConfig, SaliencyConfig
+from dsunlearn.engine.dist import get_logger
+from dsunlearn.errors import ConfigError
+from dsunlearn.methods.base import Method, RunContext, example_ce, logits_of, register
+from dsunlearn.saliency.apply import MaskedUpdate
+from dsunlearn.saliency.compute import compute_saliency
+from dsunlearn.saliency.mask import check_spec
+from dsunlearn.saliency.store import load_mask, save_mask
+
+
+@register("mmunlearner")
+class MMUnlearner(Method):
+    uses_retain = True
+    masks_weights = True
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__(cfg)
+        check_spec(cfg.mmu_mask)
+        if cfg.mmu_retain_per_forget < 0:
+            raise ConfigError("method.mmu_retain_per_forget must be >= 0 (0: the paper's ratio)")
+        self.weight_decay = 0.0
+        self.update: MaskedUpdate | None = None
+        self.mask_meta: dict[str, Any] = {}
+
+    def optim(self, optim: OptimConfig) -> OptimConfig:
+        # The decay moves to MaskedUpdate: torch's AdamW would decay the unselected weights too.
+        self.weight_decay = optim.weight_decay
+        return dataclasses.replace(optim, weight_decay=0.0)
+
+    def saliency_config(self) -> SaliencyConfig:
+        c = self.cfg
+        return SaliencyConfig(
+            unit_batch=c.mmu_unit_batch,
+            micro_batches=c.mmu_micro_batches,
+            max_units=c.mmu_max_units,
+            mask=c.mmu_mask,
+        )
+
+    def attach(self, engine: Any, ctx: RunContext) -> None:
+        log = get_logger()
+        info = ctx.info
+        if self.cfg.mmu_mask_dir:
+            masks, meta = load_mask(Path(self.cfg.mmu_mask_dir), info.rank, info.world_size)
+            source = self.cfg.mmu_mask_dir
+        else:
+            result = compute_saliency(
+                engine, ctx.processor, ctx.bench, self.saliency_config(), info
+            )
+            masks = result.masks
+            meta = {
+                "spec": dataclasses.asdict(self.cfg.mmu_mask),
+                "threshold": result.threshold,
+                "world_size": info.world_size,
+                "units": result.units,
+            }
+            source = "computed in this run"
+        self.masks = masks
+        self.update = MaskedUpdate(engine, masks, self.weight_decay)
+        counts = self.update.selected_counts()
+        meta["selected_share"] = counts[0] / max(1, counts[1])
+        meta["source"] = source
+        self.mask_meta = meta
+        log.info(
+            f"mmunlearner: mask ({meta['spec']['mode']}, threshold {meta['threshold']:.4g}) "
+            f"selects {meta['selected_share']:.3f} of the trainable weights; {source}"
+        )
+
+    def retain_steps_per_forget(self, n_forget: int, n_retain: int) -> int:
+        if self.cfg.mmu_retain_per_forget:
+            return self.cfg.mmu_retain_per_forget
+        return max(1, round(n_retain / max(1, n_forget)))
+
+    def before_step(self, engine: Any, phase: str = "forget") -> None:
+        if self.update is None:
+            raise RuntimeError("mmunlearner stepped before attach() built its mask")
+        self.update.before_step(engine, phase)
+
+    def forget_loss(self, model, batch, ref):
+        return -example_ce(logits_of(model, batch), batch["labels"]).mean()
+
+    def retain_loss(self, model, batch, ref):
+        return example_ce(logits_of(model, batch), batch["labels"]).mean()
+
+    def save(self, folder: Path, rank: int) -> None:
+        """The mask beside the engine checkpoint, so that a resumed run steps on the same one."""
+        meta = self.mask_meta
+        save_mask(
+            folder,
+            self.masks,
+            dataclasses.replace(self.cfg.mmu_mask, **meta["spec"]),
+            meta["threshold"],
+            meta["world_size"],
+            rank,
+        )
+
+    def report_info(self) -> dict[str, Any]:
+        return {k: v for k, v in self.mask_meta.items() if k != "world_size"}

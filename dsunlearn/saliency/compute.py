@@ -1,0 +1,124 @@
+"""The saliency pass as one call: score the engine's current weights, then build the mask.
+
+Used by `dsunlearn saliency` (which saves the mask) and by the `mmunlearner` method (which
+scores its own freshly loaded vanilla engine before the first step). No optimizer step is taken
+and the gradients are cleared afterwards, so the engine is left as it was found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsunlearn.config import SaliencyConfig
+from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
+from dsunlearn.data.mllmu import Benchmark
+from dsunlearn.engine.batches import to_device
+from dsunlearn.engine.dist import DistInfo
+from dsunlearn.errors import ConfigError, DataError
+from dsunlearn.models.encode import encode_examples, hf_model, logits_of, sequence_nll
+from dsunlearn.models.loader import block_linears, module_group
+from dsunlearn.saliency.mask import build_masks, check_spec
+from dsunlearn.saliency.scores import Scores, accumulate_units, real_element_count
+
+
+@dataclass
+class SaliencyResult:
+    masks: dict[str, torch.Tensor]  # parameter name -> bool mask of this rank's partition
+    threshold: float
+    units: dict[str, int]  # complete units scored per loader
+    score_bytes: int  # F_forget + F_preserve on this rank: 2 x the fp32 partition
+    arch: str
+    named: list[tuple[str, torch.nn.Parameter]]
+
+
+def check_saliency(cfg: SaliencyConfig, world: int) -> None:
+    if cfg.micro_batches < 1 or cfg.unit_batch % cfg.micro_batches:
+        raise ConfigError(
+            f"unit_batch {cfg.unit_batch} must split into {cfg.micro_batches} micro-batches"
+        )
+    if cfg.micro_batches % world:
+        raise ConfigError(
+            f"micro_batches {cfg.micro_batches} must be a multiple of the world size {world}"
+        )
+    check_spec(cfg.mask)
+
+
+def _units(
+    examples: Sequence[Any], cfg: SaliencyConfig, rank: int, world: int
+) -> Iterator[list[list[Any]]]:
+    """This rank's micro-batches of each complete unit, in data order (no shuffling)."""
+    per_micro = cfg.unit_batch // cfg.micro_batches
+    mine = cfg.micro_batches // world
+    n_units = len(examples) // cfg.unit_batch
+    if cfg.max_units:
+        n_units = min(n_units, cfg.max_units)
+    for u in range(n_units):
+        unit = examples[u * cfg.unit_batch : (u + 1) * cfg.unit_batch]
+        micros = [unit[i * per_micro : (i + 1) * per_micro] for i in range(cfg.micro_batches)]
+        yield micros[rank * mine : (rank + 1) * mine]
+
+
+def compute_saliency(
+    engine: Any, processor: Any, bench: Benchmark, cfg: SaliencyConfig, info: DistInfo
+) -> SaliencyResult:
+    """F_forget over the forget VQA; F_preserve over the retain VQA (every module) plus the text
+    QA of all entities (language model only), as MMUnlearner does, each the mean of g^2 over
+    its units; then the mask."""
+    check_saliency(cfg, info.world_size)
+    arch = type(hf_model(engine)).__name__
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    scores = Scores.zeros(named, info.device)
+
+    def loss_fn(eng: Any, examples: list[Any]) -> torch.Tensor:
+        batch = to_device(encode_examples(processor, examples), info.device)
+        return sequence_nll(logits_of(eng, batch), batch["labels"]).mean()  # CE per example
+
+    def language(name: str) -> bool:
+        return module_group(arch, name) == "language"
+
+    forget = vqa_train_examples(bench.forget)
+    if len(forget) < cfg.unit_batch:
+        raise DataError(f"{len(forget)} forget examples: fewer than one unit of {cfg.unit_batch}")
+    rank, world = info.rank, info.world_size
+    retain = vqa_train_examples(bench.retain)
+    texts = text_qa_examples([*bench.forget, *bench.retain])
+    units = {
+        "forget": accumulate_units(
+            engine, named, scores.forget, _units(forget, cfg, rank, world), loss_fn
+        ),
+        "retain_vqa": accumulate_units(
+            engine, named, scores.preserve, _units(retain, cfg, rank, world), loss_fn
+        ),
+        "text_qa": accumulate_units(
+            engine, named, scores.preserve, _units(texts, cfg, rank, world), loss_fn, language
+        ),
+    }
+
+    # F is a mean over its loader's units (the paper's definition), so that tau = 1 weighs a
+    # forget batch against a preserve batch whatever the sizes of the two sets. The language
+    # model's preserve set is the retain VQA plus the text QA; the other modules', the VQA only.
+    for name, _ in named:
+        scores.forget[name].div_(max(1, units["forget"]))
+        n_preserve = units["retain_vqa"] + (units["text_qa"] if language(name) else 0)
+        scores.preserve[name].div_(max(1, n_preserve))
+
+    real = {n: real_element_count(p, rank) for n, p in named}
+    # The paper masks the blocks' Linear weights (proj/fc/mlp/qkv), never the output head.
+    linear_weights = {f"{name}.weight" for name in block_linears(hf_model(engine))}
+
+    def selected(name: str) -> bool:
+        group = module_group(arch, name)
+        if cfg.mask.modules == "vision" and group == "language":
+            return False
+        if cfg.mask.modules == "language" and group != "language":
+            return False
+        return not cfg.mask.linear_only or name in linear_weights
+
+    masks, threshold = build_masks(
+        scores.forget, scores.preserve, real, selected, cfg.mask, info.device
+    )
+    return SaliencyResult(masks, threshold, units, scores.nbytes(), arch, named)

@@ -1,0 +1,150 @@
+"""MMUnlearner: the schedule, the mask's life (computed, saved with the checkpoint, reloaded),
+and what may move an unselected weight in the alternating schedule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsunlearn.config import MaskConfig, MethodConfig, OptimConfig
+from dsunlearn.errors import ConfigError
+from dsunlearn.methods import build_method
+from dsunlearn.saliency.store import load_mask, save_mask
+from tests.conftest import DS_CONFIG, REPO, run_cli, run_deepspeed, save_random_tiny
+
+
+def test_paper_schedule_and_decay_moved_out_of_the_optimizer():
+    method = build_method("mmunlearner", MethodConfig())
+    assert method.uses_retain
+    assert method.retain_steps_per_forget(96, 864) == 9  # len(retain) / len(forget)
+    assert method.retain_steps_per_forget(10, 4) == 1
+    assert (
+        build_method("mmunlearner", MethodConfig(mmu_retain_per_forget=3)).retain_steps_per_forget(
+            96, 864
+        )
+        == 3
+    )
+    optim = method.optim(OptimConfig(weight_decay=0.1))
+    assert optim.weight_decay == 0.0 and method.weight_decay == 0.1
+
+
+def test_bad_mask_settings_fail_when_the_method_is_built():
+    with pytest.raises(ConfigError, match="mode"):
+        build_method("mmunlearner", MethodConfig(mmu_mask=MaskConfig(mode="median")))
+    with pytest.raises(ConfigError, match="mmu_retain_per_forget"):
+        build_method("mmunlearner", MethodConfig(mmu_retain_per_forget=-1))
+
+
+def test_mask_file_round_trip_and_world_size_check(tmp_path):
+    masks = {"a.weight": torch.tensor([True, False, True]), "b.weight": torch.zeros(13).bool()}
+    masks["b.weight"][[0, 7, 12]] = True
+    save_mask(tmp_path, masks, MaskConfig(mode="topk"), 0.25, world_size=2, rank=1)
+    back, meta = load_mask(tmp_path, rank=1, world_size=2)
+    assert {n: m.tolist() for n, m in back.items()} == {n: m.tolist() for n, m in masks.items()}
+    assert meta == {"spec": vars(MaskConfig(mode="topk")), "threshold": 0.25, "world_size": 2}
+    with pytest.raises(ConfigError, match="cut for world size 2, this run has 4"):
+        load_mask(tmp_path, rank=1, world_size=4)
+    with pytest.raises(ConfigError, match="saliency mask not found"):
+        load_mask(tmp_path, rank=0, world_size=2)
+    (tmp_path / "mask_rank0.pt").write_text("not a mask")
+    with pytest.raises(ConfigError, match="not a dsunlearn saliency mask"):
+        load_mask(tmp_path, rank=0, world_size=2)
+
+
+def _unlearn(tmp_path, bench, vanilla, name: str, *extra: str) -> list[str]:
+    return [
+        "unlearn",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"name={name}",
+        f"out_dir={tmp_path}",
+        f"data.path={bench}",
+        f"vanilla={vanilla}",
+        f"deepspeed={DS_CONFIG}",
+        "methods=[mmunlearner]",
+        "optim.steps=2",
+        "optim.batch_size=4",
+        "method.mmu_max_units=2",
+        "method.mmu_mask.mode=topk",  # a random model's ratio mask can be empty
+        "eval.enabled=false",
+        *extra,
+    ]
+
+
+def test_cli_errors(tmp_path, small_bench, random_vanilla):
+    proc = run_cli(
+        _unlearn(tmp_path, small_bench, random_vanilla, "e", "method.mmu_mask.modules=all"),
+        tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "saliency modules must be one of" in proc.stderr.splitlines()[-1]
+    proc = run_cli(_unlearn(tmp_path, small_bench, random_vanilla, "e", "peft.lora.r=4"), tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "does not combine with peft.lora.r > 0" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_mask_is_saved_with_the_checkpoint_and_reloaded(tmp_path, small_bench, random_vanilla):
+    """2 ranks: the run scores its mask, saves it beside the DeepSpeed checkpoint; a second run
+    given that folder steps on the same mask (same threshold, same selection)."""
+    first = _unlearn(tmp_path, small_bench, random_vanilla, "a", "save_checkpoints=true")
+    proc = run_deepspeed(2, first, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tag = tmp_path / "a" / "checkpoints" / "mmunlearner"
+    assert sorted(p.name for p in tag.glob("mask_rank*.pt")) == ["mask_rank0.pt", "mask_rank1.pt"]
+    info_a = json.loads((tmp_path / "a" / "report.json").read_text())["method_info"]
+    info_a = info_a["mmunlearner"]
+    assert info_a["source"] == "computed in this run" and 0 < info_a["selected_share"] < 1
+
+    second = _unlearn(tmp_path, small_bench, random_vanilla, "b", f"method.mmu_mask_dir={tag}")
+    proc = run_deepspeed(2, second, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info_b = json.loads((tmp_path / "b" / "report.json").read_text())["method_info"]
+    info_b = info_b["mmunlearner"]
+    assert info_b["source"] == str(tag)
+    assert (info_b["threshold"], info_b["selected_share"], info_b["spec"]) == (
+        info_a["threshold"],
+        info_a["selected_share"],
+        info_a["spec"],
+    )
+
+    # The same folder on another world size is refused with one line.
+    proc = run_cli(second, tmp_path)
+    assert proc.returncode == 2
+    assert "cut for world size 2, this run has 1" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_no_forget_gradient_reaches_an_unselected_weight_mid_schedule(tmp_path, small_bench):
+    """2 ranks, AdamW with weight decay 0.1, alternating masked forget / unmasked retain steps.
+    Two runs that differ only in the last forget gradient end with every unselected weight
+    bit-identical; the retain steps' momentum does move them (the documented choice)."""
+    from dsunlearn.engine.dist import free_port
+    from dsunlearn.recipes.demo import launch_env
+
+    vanilla = save_random_tiny("tiny-llava", tmp_path / "vanilla")
+    masks = tmp_path / "mask"
+    args = ["saliency", f"vanilla={vanilla}", f"data.path={small_bench}", "max_units=2"]
+    args += ["mask.mode=topk", f"out_dir={masks}", f"deepspeed={DS_CONFIG}"]
+    proc = run_deepspeed(2, args, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    out = tmp_path / "mixed.json"
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port())]
+    cmd += ["tests/ranks/mixed_schedule.py", str(vanilla), str(small_bench), str(masks)]
+    cmd += [str(out), "2"]
+    env = launch_env(2) | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    print(report)
+    assert report["same_start"]
+    assert report["unselected"] > 0 and report["unselected_differ"] == 0
+    assert report["selected_differ"] > 0
+    assert report["unselected_moved_by_last_forget_step"] > 0
