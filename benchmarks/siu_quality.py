@@ -17,19 +17,11 @@ Writes benchmarks/results/siu_quality.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dsunlearn.recipes.demo import deepspeed_launch_cmd, launch_env  # noqa: E402
+from quality_runs import machine, print_table, run_unlearn, write_result
 
 # (label, overrides); the first is SIU's paper defaults (the demo's setting).
 SETTINGS: list[tuple[str, list[str]]] = [
@@ -75,56 +67,35 @@ def main() -> None:
     rows, vanilla, chance = [], None, 0.25
     with tempfile.TemporaryDirectory() as tmp:
         for k, (label, overrides) in enumerate(settings):
-            cli = ["unlearn", "--config", "configs/demo.yaml", "methods=[siu]", f"name=s{k}"]
-            cli += [f"out_dir={tmp}", *overrides]
-            t0 = time.time()
-            proc = subprocess.run(
-                deepspeed_launch_cmd(args.ranks, cli),
-                cwd=REPO,
-                env=launch_env(args.ranks),
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode != 0:
-                sys.exit(f"{label}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-            report = json.loads((Path(tmp) / f"s{k}" / "report.json").read_text())
+            cli = ["--config", "configs/demo.yaml", "methods=[siu]", *overrides]
+            report, wall_s = run_unlearn(args.ranks, cli, Path(tmp), f"s{k}")
             vanilla, chance = report["vanilla"], report["chance"]
             m = report["methods"]["siu"]
             rows.append(
                 {
                     "setting": label,
                     "overrides": overrides,
-                    "wall_s": round(time.time() - t0, 1),
+                    "wall_s": wall_s,
                     "metrics": {key: m[key] for key in METRICS},
                     "targets": targets(m, vanilla, chance),
                     "siu": report["method_info"]["siu"],
                 }
             )
             print(f"{label}: " + ", ".join(f"{x}={m[x]:.3f}" for x in METRICS), flush=True)
-    import torch
-
-    out = {
-        "benchmark": "siu_quality",
-        "command": "benchmarks/siu_quality.py" + (" --quick" if args.quick else ""),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
-        "ranks": args.ranks,
-        "date": time.strftime("%Y-%m-%d"),
-        "chance": chance,
-        "vanilla": {key: vanilla[key] for key in METRICS},
-        "runs": rows,
-    }
-    path = REPO / "benchmarks" / "results" / "siu_quality.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-
-    names = list(rows[0]["targets"])
-    print("\n| setting | " + " | ".join(METRICS) + " | targets met |")
-    print("|---|" + "---|" * (len(METRICS) + 1))
-    print("| vanilla | " + " | ".join(f"{vanilla[x]:.3f}" for x in METRICS) + " | |")
-    for r in rows:
-        met = [n for n in names if r["targets"][n]]
-        cells = " | ".join(f"{r['metrics'][x]:.3f}" for x in METRICS)
-        print(f"| {r['setting']} | {cells} | {len(met)}/{len(names)}: {', '.join(met)} |")
+    path = write_result(
+        "siu_quality",
+        {
+            "benchmark": "siu_quality",
+            "command": "benchmarks/siu_quality.py" + (" --quick" if args.quick else ""),
+            "machine": machine(),
+            "ranks": args.ranks,
+            "date": time.strftime("%Y-%m-%d"),
+            "chance": chance,
+            "vanilla": {key: vanilla[key] for key in METRICS},
+            "runs": rows,
+        },
+    )
+    print_table(METRICS, vanilla, rows)
     print(f"wrote {path}")
 
 

@@ -1,0 +1,110 @@
+"""MMUnlearner on the built-in benchmark against GA and NPO, and against the issue's targets.
+
+    .venv/bin/python benchmarks/mmu_quality.py [--ranks 2] [--quick]
+
+The first run is `dsunlearn unlearn --config configs/demo.yaml methods=[ga,npo,mmunlearner]`:
+the three methods in ONE report, from the same vanilla model and the same data. The next runs
+vary MMUnlearner's settings (mask modules, threshold, learning rate) with `methods=[mmunlearner]`.
+Every row is checked against:
+
+    forget_vqa_acc         <= chance + 0.1      (training images of the forgotten people)
+    forget_heldout_vqa_acc <= chance + 0.1      (their held-out images)
+    forget_text_qa_acc     >= 0.95 x vanilla    (their facts, asked by name: text is kept)
+    retain_vqa_acc         >= 0.95 x vanilla    (other people's faces are kept)
+
+Writes benchmarks/results/mmu_quality.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from quality_runs import machine, print_table, run_unlearn, write_result
+
+COMPARED = ("ga", "npo", "mmunlearner")
+# (label, overrides) of the MMUnlearner variants; the demo's settings are the compared run.
+VARIANTS: list[tuple[str, list[str]]] = [
+    ("language mask, tau 1, lr 1e-3", ["optim.lr=1e-3"]),
+    ("vision mask, tau 1", ["method.mmu_mask.modules=vision"]),
+    ("both masks, tau 1", ["method.mmu_mask.modules=both"]),
+    ("language mask, tau 3", ["method.mmu_mask.tau=3"]),
+    ("language mask, topk 50%", ["method.mmu_mask.mode=topk"]),
+]
+METRICS = (
+    "forget_vqa_acc",
+    "forget_heldout_vqa_acc",
+    "forget_text_qa_acc",
+    "retain_vqa_acc",
+    "retain_heldout_vqa_acc",
+    "retain_text_qa_acc",
+    "eff",
+    "gen",
+    "flu",
+)
+
+
+def targets(m: dict[str, float], vanilla: dict[str, float], chance: float) -> dict[str, bool]:
+    return {
+        "forget_vqa<=chance+0.1": m["forget_vqa_acc"] <= chance + 0.1,
+        "forget_heldout<=chance+0.1": m["forget_heldout_vqa_acc"] <= chance + 0.1,
+        "forget_text>=0.95xvanilla": m["forget_text_qa_acc"]
+        >= 0.95 * vanilla["forget_text_qa_acc"],
+        "retain_vqa>=0.95xvanilla": m["retain_vqa_acc"] >= 0.95 * vanilla["retain_vqa_acc"],
+    }
+
+
+def row(label: str, overrides: list[str], wall_s: float, report: dict, method: str) -> dict:
+    m = report["methods"][method]
+    return {
+        "setting": label,
+        "method": method,
+        "overrides": overrides,
+        "wall_s": wall_s,
+        "metrics": {key: m[key] for key in METRICS},
+        "targets": targets(m, report["vanilla"], report["chance"]),
+        "info": report.get("method_info", {}).get(method, {}),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="only the GA / NPO / MMUnlearner run")
+    args = ap.parse_args()
+    base = ["--config", "configs/demo.yaml"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        report, wall_s = run_unlearn(
+            args.ranks, [*base, f"methods=[{','.join(COMPARED)}]"], out, "c"
+        )
+        vanilla, chance = report["vanilla"], report["chance"]
+        rows = [row(f"{m} (demo settings)", [], wall_s, report, m) for m in COMPARED]
+        for r in rows:
+            print(r["setting"], r["metrics"], flush=True)
+        for k, (label, overrides) in enumerate([] if args.quick else VARIANTS):
+            cli = [*base, "methods=[mmunlearner]", *overrides]
+            report, wall_s = run_unlearn(args.ranks, cli, out, f"v{k}")
+            rows.append(row(f"mmunlearner, {label}", overrides, wall_s, report, "mmunlearner"))
+            print(rows[-1]["setting"], rows[-1]["metrics"], flush=True)
+    path = write_result(
+        "mmu_quality",
+        {
+            "benchmark": "mmu_quality",
+            "command": "benchmarks/mmu_quality.py" + (" --quick" if args.quick else ""),
+            "machine": machine(),
+            "ranks": args.ranks,
+            "date": time.strftime("%Y-%m-%d"),
+            "chance": chance,
+            "vanilla": {key: vanilla[key] for key in METRICS},
+            "runs": rows,
+        },
+    )
+    print_table(METRICS, vanilla, rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
