@@ -100,6 +100,7 @@ class MethodConfig:
     # MMUnlearner: the saliency mask (scored on the vanilla weights before the first step, or
     # loaded from `dsunlearn saliency`'s folder), then the paper's alternating schedule.
     mmu_mask: MaskConfig = field(default_factory=MaskConfig)
+    mmu_lr: float = 0.0  # the method's learning rate; 0: optim.lr (the paper: 1e-5 at 7B)
     mmu_mask_dir: str = ""  # a saliency folder or checkpoint tag with mask_rank<R>.pt files
     mmu_unit_batch: int = 4  # saliency pass: examples per unit (one global batch)
     mmu_micro_batches: int = 2  # per unit; a multiple of the world size

@@ -29,13 +29,18 @@ def test_paper_schedule_and_decay_moved_out_of_the_optimizer():
         )
         == 3
     )
-    optim = method.optim(OptimConfig(weight_decay=0.1))
+    optim = method.optim(OptimConfig(lr=2e-4, weight_decay=0.1))
     assert optim.weight_decay == 0.0 and method.weight_decay == 0.1
+    assert optim.lr == 2e-4  # mmu_lr 0: the run's lr
+    own = build_method("mmunlearner", MethodConfig(mmu_lr=5e-4)).optim(OptimConfig(lr=2e-4))
+    assert own.lr == 5e-4
 
 
 def test_bad_mask_settings_fail_when_the_method_is_built():
     with pytest.raises(ConfigError, match="mode"):
         build_method("mmunlearner", MethodConfig(mmu_mask=MaskConfig(mode="median")))
+    with pytest.raises(ConfigError, match="mmu_lr"):
+        build_method("mmunlearner", MethodConfig(mmu_lr=-1.0))
     with pytest.raises(ConfigError, match="mmu_retain_per_forget"):
         build_method("mmunlearner", MethodConfig(mmu_retain_per_forget=-1))
 

@@ -34,6 +34,8 @@ class MMUnlearner(Method):
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)
         check_spec(cfg.mmu_mask)
+        if cfg.mmu_lr < 0:
+            raise ConfigError("method.mmu_lr must be >= 0 (0: optim.lr)")
         if cfg.mmu_retain_per_forget < 0:
             raise ConfigError("method.mmu_retain_per_forget must be >= 0 (0: the paper's ratio)")
         self.weight_decay = 0.0
@@ -43,7 +45,8 @@ class MMUnlearner(Method):
     def optim(self, optim: OptimConfig) -> OptimConfig:
         # The decay moves to MaskedUpdate: torch's AdamW would decay the unselected weights too.
         self.weight_decay = optim.weight_decay
-        return dataclasses.replace(optim, weight_decay=0.0)
+        lr = self.cfg.mmu_lr if self.cfg.mmu_lr > 0 else optim.lr
+        return dataclasses.replace(optim, lr=lr, weight_decay=0.0)
 
     def saliency_config(self) -> SaliencyConfig:
         c = self.cfg
