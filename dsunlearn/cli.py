@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
     except DsunlearnError as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"dsunlearn: error: {e}", file=sys.stderr, flush=True)
+            print(f"dsunlearn: {e.label}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

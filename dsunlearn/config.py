@@ -125,6 +125,16 @@ class PeftConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When a run saves what it needs to continue bit for bit (engine/checkpoint.py)."""
+
+    every: int = 0  # iterations between checkpoints of a method (0: none mid-run)
+    final: bool = False  # keep each method's unlearned model as its last checkpoint
+    keep: int = 2  # complete checkpoints kept per method, newest first (0: all)
+    stop_at: int = 0  # checkpoint and stop (exit 75, as if preempted) at this iteration
+
+
+@dataclass
 class UnlearnConfig:
     name: str = "unlearn"
     methods: list[str] = field(default_factory=lambda: ["ga"])
@@ -139,9 +149,11 @@ class UnlearnConfig:
     out_dir: str = "runs"
     seed: int = 0
     log_every: int = 1
-    # Keep each unlearned model as a DeepSpeed checkpoint (every rank writes its own ZeRO-3
-    # shard, so no rank holds the full model): <out_dir>/<name>/checkpoints/<method>/.
-    save_checkpoints: bool = False
+    # DeepSpeed checkpoints (every rank writes its own ZeRO-3 shard, so no rank holds the full
+    # model): <out_dir>/<name>/checkpoints/<method>/step<N>/, `latest` names the newest.
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = ""  # auto: continue from the run folder's latest complete checkpoint, if any
+    dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the run
 
 
 @dataclass

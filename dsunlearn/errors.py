@@ -12,6 +12,7 @@ class DsunlearnError(Exception):
     """Base class: one clear line for the user, a non-zero exit for the shell."""
 
     exit_code = 2
+    label = "error"  # the CLI prints `dsunlearn: <label>: <message>`
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))  # always a single line
@@ -37,3 +38,11 @@ class TrainingError(DsunlearnError):
     """Training diverged (NaN or infinite loss)."""
 
     exit_code = 3
+
+
+class Preempted(DsunlearnError):
+    """A preemption signal arrived (or `checkpoint.stop_at` was reached): the ranks saved one
+    checkpoint together and stopped; `resume=auto` continues from it."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again (engine.preempt.PREEMPTED_EXIT)
+    label = "stopped"

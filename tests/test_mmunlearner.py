@@ -97,16 +97,18 @@ def test_cli_errors(tmp_path, small_bench, random_vanilla):
 def test_mask_is_saved_with_the_checkpoint_and_reloaded(tmp_path, small_bench, random_vanilla):
     """2 ranks: the run scores its mask, saves it beside the DeepSpeed checkpoint; a second run
     given that folder steps on the same mask (same threshold, same selection)."""
-    first = _unlearn(tmp_path, small_bench, random_vanilla, "a", "save_checkpoints=true")
+    first = _unlearn(tmp_path, small_bench, random_vanilla, "a", "checkpoint.final=true")
     proc = run_deepspeed(2, first, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    tag = tmp_path / "a" / "checkpoints" / "mmunlearner"
+    save_dir = tmp_path / "a" / "checkpoints" / "mmunlearner"
+    tag = save_dir / (save_dir / "latest").read_text().strip()
     assert sorted(p.name for p in tag.glob("mask_rank*.pt")) == ["mask_rank0.pt", "mask_rank1.pt"]
     info_a = json.loads((tmp_path / "a" / "report.json").read_text())["method_info"]
     info_a = info_a["mmunlearner"]
     assert info_a["source"] == "computed in this run" and 0 < info_a["selected_share"] < 1
 
-    second = _unlearn(tmp_path, small_bench, random_vanilla, "b", f"method.mmu_mask_dir={tag}")
+    # The method's checkpoint folder stands for its latest complete checkpoint.
+    second = _unlearn(tmp_path, small_bench, random_vanilla, "b", f"method.mmu_mask_dir={save_dir}")
     proc = run_deepspeed(2, second, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     info_b = json.loads((tmp_path / "b" / "report.json").read_text())["method_info"]

@@ -237,7 +237,7 @@ def _run_siu(impl: str, tmp_path: Path, bench_dir: Path, vanilla: Path) -> Path:
         f"method.siu_loss={impl}",
         "method.siu_steps=3",
         "eval.enabled=false",
-        "save_checkpoints=true",
+        "checkpoint.final=true",
         f"deepspeed={DS_CONFIG}",
     ]
     # The Triton kernel itself runs (interpreted on CPU) in the fused run.
@@ -263,7 +263,7 @@ def test_two_ranks_fused_matches_eager_after_three_steps(tmp_path, small_bench):
         assert abs(a["forget_loss"] - b["forget_loss"]) <= 1e-5 * max(1.0, abs(a["forget_loss"]))
 
     weights = {
-        k: get_fp32_state_dict_from_zero_checkpoint(str(v / "checkpoints"), tag="siu")
+        k: get_fp32_state_dict_from_zero_checkpoint(str(v / "checkpoints" / "siu"))
         for k, v in runs.items()
     }
     assert set(weights["eager"]) == set(weights["fused"])

@@ -83,6 +83,7 @@ class RunContext:
     processor: Any
     info: Any  # engine.dist.DistInfo
     run_dir: Path
+    resume_dir: Path | None = None  # the checkpoint this run continues from, if any
 
 
 class Method:
@@ -122,7 +123,8 @@ class Method:
         "retain" (e.g. to release parameters a fused loss kept gathered for its backward)."""
 
     def save(self, folder: Path, rank: int) -> None:
-        """Write what a checkpoint of this method needs besides the engine state."""
+        """Write what a checkpoint of this method needs besides the engine state (read back in
+        `attach` from `ctx.resume_dir` when a run resumes)."""
 
     def report_info(self) -> dict[str, Any]:
         """Facts about the run worth keeping in the report (e.g. which image SIU saw)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dsunlearn.config import MethodConfig, OptimConfig, SaliencyConfig
+from dsunlearn.engine import checkpoint
 from dsunlearn.engine.dist import get_logger
 from dsunlearn.errors import ConfigError
 from dsunlearn.methods.base import Method, RunContext, example_ce, logits_of, register
@@ -60,9 +61,13 @@ class MMUnlearner(Method):
     def attach(self, engine: Any, ctx: RunContext) -> None:
         log = get_logger()
         info = ctx.info
-        if self.cfg.mmu_mask_dir:
-            masks, meta = load_mask(Path(self.cfg.mmu_mask_dir), info.rank, info.world_size)
-            source = self.cfg.mmu_mask_dir
+        mask_dir = str(ctx.resume_dir) if ctx.resume_dir else self.cfg.mmu_mask_dir
+        if mask_dir:  # a resumed run steps on the mask its checkpoint was trained with
+            if (Path(mask_dir) / "latest").is_file():  # a method's checkpoint folder
+                save_dir, tag = checkpoint.resolve(Path(mask_dir))
+                mask_dir = str(save_dir / tag)
+            masks, meta = load_mask(Path(mask_dir), info.rank, info.world_size)
+            source = mask_dir
         else:
             result = compute_saliency(
                 engine, ctx.processor, ctx.bench, self.saliency_config(), info
