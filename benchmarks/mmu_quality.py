@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
-from quality_runs import machine, print_table, run_unlearn, write_result
+from quality_runs import finish, run_unlearn
 
 COMPARED = ("ga", "npo", "mmunlearner")
 # (label, overrides) of the MMUnlearner variants; the demo's settings (vision mask, tau 1,
@@ -106,21 +105,7 @@ def main() -> None:
             report, wall_s = run_unlearn(args.ranks, cli, out, f"v{k}")
             rows.append(row(f"mmunlearner, {label}", overrides, wall_s, report, "mmunlearner"))
             print(rows[-1]["setting"], rows[-1]["metrics"], flush=True)
-    path = write_result(
-        "mmu_quality",
-        {
-            "benchmark": "mmu_quality",
-            "command": "benchmarks/mmu_quality.py" + (" --quick" if args.quick else ""),
-            "machine": machine(),
-            "ranks": args.ranks,
-            "date": time.strftime("%Y-%m-%d"),
-            "chance": chance,
-            "vanilla": {key: vanilla[key] for key in METRICS},
-            "runs": rows,
-        },
-    )
-    print_table(METRICS, vanilla, rows)
-    print(f"wrote {path}")
+    finish("mmu_quality", args.quick, args.ranks, chance, vanilla, METRICS, rows)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,30 @@ def print_table(
         met = [n for n in names if r["targets"][n]]
         cells = " | ".join(f"{r['metrics'][x]:.3f}" for x in metrics)
         print(f"| {r['setting']} | {cells} | {len(met)}/{len(names)}: {', '.join(met)} |")
+
+
+def finish(
+    name: str,
+    quick: bool,
+    ranks: int,
+    chance: float,
+    vanilla: dict[str, float],
+    metrics: tuple[str, ...],
+    rows: list[dict[str, Any]],
+) -> None:
+    """Write results/<name>.json (machine, date, vanilla, every row) and print the table."""
+    path = write_result(
+        name,
+        {
+            "benchmark": name,
+            "command": f"benchmarks/{name}.py" + (" --quick" if quick else ""),
+            "machine": machine(),
+            "ranks": ranks,
+            "date": time.strftime("%Y-%m-%d"),
+            "chance": chance,
+            "vanilla": {key: vanilla[key] for key in metrics},
+            "runs": rows,
+        },
+    )
+    print_table(metrics, vanilla, rows)
+    print(f"wrote {path}")

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
-from quality_runs import machine, print_table, run_unlearn, write_result
+from quality_runs import finish, run_unlearn
 
 # (label, overrides); the first is SIU's paper defaults (the demo's setting).
 SETTINGS: list[tuple[str, list[str]]] = [
@@ -82,21 +81,7 @@ def main() -> None:
                 }
             )
             print(f"{label}: " + ", ".join(f"{x}={m[x]:.3f}" for x in METRICS), flush=True)
-    path = write_result(
-        "siu_quality",
-        {
-            "benchmark": "siu_quality",
-            "command": "benchmarks/siu_quality.py" + (" --quick" if args.quick else ""),
-            "machine": machine(),
-            "ranks": args.ranks,
-            "date": time.strftime("%Y-%m-%d"),
-            "chance": chance,
-            "vanilla": {key: vanilla[key] for key in METRICS},
-            "runs": rows,
-        },
-    )
-    print_table(METRICS, vanilla, rows)
-    print(f"wrote {path}")
+    finish("siu_quality", args.quick, args.ranks, chance, vanilla, METRICS, rows)
 
 
 if __name__ == "__main__":
