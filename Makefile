@@ -22,7 +22,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# tests/test_slurm.py starts a one-node Slurm cluster: as root, install Slurm and munge if missing
+# (if that fails, those tests skip and say why).
 test: lint
+	@if [ "$$(id -u)" = 0 ] && ! PATH="$$PATH:/usr/sbin:/sbin" sh -c 'command -v slurmctld' >/dev/null; then \
+		echo "installing slurm-wlm and munge for tests/test_slurm.py"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && \
+		  apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>&1; } || \
+		echo "could not install slurm-wlm and munge: tests/test_slurm.py will skip"; \
+	fi
 	$(VENV)/bin/pytest
 
 clean:

@@ -80,9 +80,11 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
                 f"{method.name} masks the model's own weights: it does not combine with "
                 "peft.lora.r > 0"
             )
+    # Early: under launch/slurm.sbatch the ranks start with USR1/TERM ignored, and a
+    # signal that arrives before this is lost (the job script repeats it every 30 s).
+    preempt = PreemptionFlag().install()
     info = init_distributed(cfg.dist_timeout_s)
     log = get_logger()
-    preempt = PreemptionFlag().install()
     bench = prepare_benchmark(cfg.data, info)
     vanilla = resolve_vanilla(cfg)
     ds = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.model, info)
