@@ -68,6 +68,38 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument("--config", help="YAML SaliencyConfig")
     sal.add_argument("overrides", nargs="*", metavar="key=value")
 
+    exp = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face model folder (safetensors + processor + card)",
+        description="Gather a ZeRO-3 checkpoint's weights in this one process (host RAM for "
+        "about twice the fp32 model) and write a folder that plain transformers loads: "
+        "safetensors weights, the processor and a model card (README.md: method, forget set, "
+        "metrics). A LoRA run (peft.lora.r > 0) is written as peft's adapter folder on the "
+        "model the run started from, unless --merge-lora folds the adapters into a full model.",
+    )
+    exp.add_argument(
+        "--ckpt",
+        required=True,
+        help="a method's checkpoint folder (<run>/checkpoints/<method>, its latest) or one "
+        "of its step<N> folders",
+    )
+    exp.add_argument("--out", required=True, help="the model folder to write")
+    exp.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA runs: merge the adapters into the weights and write a full model (without "
+        "it: peft's adapter folder, loadable with transformers + peft); no effect otherwise",
+    )
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    exp.add_argument(
+        "--vanilla",
+        metavar="DIR",
+        help="the model the run started from, if it has moved since (default: as recorded)",
+    )
+    exp.add_argument(
+        "--dtype", choices=["fp32", "bf16"], help="weights' dtype (default: the run's model.dtype)"
+    )
+
     demo = sub.add_parser("demo", help="end-to-end demo on the built-in benchmark")
     demo.add_argument("--config", help="YAML UnlearnConfig (default configs/demo.yaml)")
     demo.add_argument("--ranks", type=int, default=2, help="ZeRO-3 ranks (default 2)")
@@ -114,6 +146,18 @@ def run(args: argparse.Namespace) -> None:
         from dsunlearn.recipes.saliency import run_saliency
 
         run_saliency(load_config(SaliencyConfig, args.config, args.overrides))
+    elif args.command == "export":
+        from dsunlearn.recipes.export import run_export
+
+        out = run_export(
+            args.ckpt,
+            args.out,
+            merge_lora=args.merge_lora,
+            force=args.force,
+            vanilla=args.vanilla,
+            dtype=args.dtype,
+        )
+        print(f"exported to {out}")
     elif args.command == "demo":
         from dsunlearn.recipes.demo import run_demo
 
