@@ -1,0 +1,379 @@
+"""CLEAR (hub `therem/CLEAR`): layout, per-config schema and the loader.
+
+Facts and their sources:
+
+- Layout: one folder per config, each holding `train-00000-of-00001.parquet`, and a README whose
+  `configs:` maps `config_name: X` to `data_files: [{split: train, path: X/train-*}]`
+  (huggingface.co/datasets/therem/CLEAR, tree at commit a7438d4 and commits b9a222a, 2bf6316).
+  `datasets.load_dataset("therem/CLEAR", config)` loads one (the dataset card's own example).
+- Configs and features (the dataset card's `dataset_info`, huggingface.co/datasets/therem/CLEAR
+  /blob/main/README.md; ../shared/papers/README.md):
+  - `full`, `forget01/05/10`, `retain99/95/90`: {image, caption, name}, one row per picture.
+  - `+tofu` variants: {image, caption, question, answer}. Picture rows carry image and caption;
+    TOFU text rows carry question and answer, image null (the CLEAR code,
+    github.com/somvy/multimodal_unlearning mm/dataset.py, tells them apart by `image is None`).
+  - `forgetXX_perturbed` and `retain_perturbed`: {image, caption, name, paraphrased_caption,
+    perturbed_captions: list, perturbed_names: list}, for multiple-choice name recognition.
+  - `real_faces`: {image, answer, options: list}; `real_world`: {question, answer, image,
+    options: list}. The card lists real_faces in full; for real_world it shows `question` first,
+    the other columns are the ones the CLEAR eval config (config/mm/eval.yaml) reads. `options`
+    are the wrong answers only: eval.yaml uses them as the perturbed answers next to `answer`.
+- Every config has the single split `train`. real_world was first uploaded as split `test`
+  (the card at commit 2bf6316); commit 73a6323 deleted real_world/test-00000-of-00001.parquet,
+  leaving train-00000-of-00001.parquet, and the CLEAR code loads every config, real_world
+  included, with `split="train"` (mm/dataset.py, ImageCaptioningDataset).
+- The hub also has `default` (folder `data/`): the same rows and columns as `full`, so it is
+  not listed here.
+
+The loader accepts `datasets`-written parquet (Image structs {bytes, path}), several shards, list
+columns stored as JSON strings, and any column order. Every problem is a one-line `DataError`
+that names the config and the column.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from dsunlearn.data.mllmu import (
+    _image,
+    _is_image,
+    _is_list,
+    _is_string,
+    _quiet,
+    _short,
+    looks_like_hub_id,
+)
+from dsunlearn.errors import DataError
+
+HUB_ID = "therem/CLEAR"
+SPLIT = "train"
+PARQUET_NAME = "train-00000-of-00001.parquet"
+FORGET_PCTS = (1, 5, 10)
+
+KIND_CAPTIONS = "captions"  # full, forgetXX, retainXX
+KIND_TOFU = "tofu"  # ...+tofu
+KIND_PERTURBED = "perturbed"  # forgetXX_perturbed, retain_perturbed
+KIND_REAL_FACES = "real_faces"
+KIND_REAL_WORLD = "real_world"
+
+# Columns of each kind, in the dataset card's order.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    KIND_CAPTIONS: ("image", "caption", "name"),
+    KIND_TOFU: ("image", "caption", "question", "answer"),
+    KIND_PERTURBED: (
+        "image",
+        "caption",
+        "name",
+        "perturbed_captions",
+        "paraphrased_caption",
+        "perturbed_names",
+    ),
+    KIND_REAL_FACES: ("image", "answer", "options"),
+    KIND_REAL_WORLD: ("question", "answer", "image", "options"),
+}
+LIST_COLUMNS = frozenset({"perturbed_captions", "perturbed_names", "options"})
+
+
+def forget_config(pct: int) -> str:
+    """`forget01`, `forget05` or `forget10`."""
+    _check_pct(pct)
+    return f"forget{pct:02d}"
+
+
+def retain_config(pct: int) -> str:
+    """The retain config matching `forget_config(pct)`: `retain99`, `retain95`, `retain90`."""
+    _check_pct(pct)
+    return f"retain{100 - pct}"
+
+
+def _check_pct(pct: int) -> None:
+    if pct not in FORGET_PCTS:
+        raise DataError(f"CLEAR forget percentage must be one of {FORGET_PCTS}, got {pct}")
+
+
+CONFIGS: tuple[str, ...] = (
+    "full",
+    "full+tofu",
+    *(forget_config(p) for p in FORGET_PCTS),
+    *(forget_config(p) + "+tofu" for p in FORGET_PCTS),
+    *(forget_config(p) + "_perturbed" for p in FORGET_PCTS),
+    *(retain_config(p) for p in FORGET_PCTS),
+    *(retain_config(p) + "+tofu" for p in FORGET_PCTS),
+    "retain_perturbed",
+    "real_faces",
+    "real_world",
+)
+
+
+def config_kind(config: str) -> str:
+    """Which schema a config follows; an unknown config name is a DataError."""
+    if config not in CONFIGS:
+        raise DataError(f"unknown CLEAR config '{config}' (known: {', '.join(CONFIGS)})")
+    if config in (KIND_REAL_FACES, KIND_REAL_WORLD):
+        return config
+    if config.endswith("+tofu"):
+        return KIND_TOFU
+    if config.endswith("_perturbed"):
+        return KIND_PERTURBED
+    return KIND_CAPTIONS
+
+
+_S = {"dtype": "string", "_type": "Value"}
+_FEATURE = {
+    "image": {"_type": "Image"},
+    **{c: _S for c in ("caption", "name", "question", "answer", "paraphrased_caption")},
+    **{c: {"feature": _S, "_type": "List"} for c in LIST_COLUMNS},
+}
+_ARROW = {
+    "image": pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    **{c: pa.string() for c in ("caption", "name", "question", "answer", "paraphrased_caption")},
+    **{c: pa.list_(pa.string()) for c in LIST_COLUMNS},
+}
+
+
+def schema(config: str) -> pa.Schema:
+    """The exact Arrow schema of a config, with the `datasets` features in its metadata."""
+    cols = COLUMNS[config_kind(config)]
+    features = {c: _FEATURE[c] for c in cols}
+    return pa.schema(
+        [(c, _ARROW[c]) for c in cols],
+        metadata={"huggingface": json.dumps({"info": {"features": features}})},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionRow:
+    """A picture of a fictitious person. The `_perturbed` configs fill the last three fields;
+    `+tofu` configs have no `name` column (None)."""
+
+    image: Image.Image
+    caption: str
+    name: str | None
+    paraphrased_caption: str | None = None
+    perturbed_captions: list[str] = field(default_factory=list)
+    perturbed_names: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TextQA:
+    """A TOFU question about a person, text only (`+tofu` configs)."""
+
+    question: str
+    answer: str
+
+
+@dataclass
+class ChoiceRow:
+    """`real_faces` (question None: "The name of the person on the image is") or `real_world`
+    VQA. `options` are the wrong answers; `choices` puts the right one first."""
+
+    image: Image.Image
+    question: str | None
+    answer: str
+    options: list[str]
+
+    @property
+    def choices(self) -> list[str]:
+        return [self.answer, *self.options]
+
+
+@dataclass
+class ClearSplit:
+    """One CLEAR config, decoded. Only the lists its kind uses are filled."""
+
+    config: str
+    kind: str
+    source: str
+    captions: list[CaptionRow] = field(default_factory=list)
+    text_qa: list[TextQA] = field(default_factory=list)
+    choices: list[ChoiceRow] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        """The people of the split, in order of first appearance."""
+        return list(dict.fromkeys(r.name for r in self.captions if r.name))
+
+    def __len__(self) -> int:
+        return len(self.captions) + len(self.text_qa) + len(self.choices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_clear(path_or_hub_id: str, config: str) -> ClearSplit:
+    """Load one CLEAR config from a local folder (the hub repo's layout) or a hub id.
+
+    Every problem (unknown config, missing config folder, missing or mistyped column, malformed
+    JSON list, undecodable image, hub unreachable) is a one-line `DataError`.
+    """
+    kind = config_kind(config)
+    where = f"{path_or_hub_id.rstrip('/')}/{config}"
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DataError(f"data path is not a folder: {path_or_hub_id}")
+        table = _read_local(path / config, kind)
+    elif looks_like_hub_id(path_or_hub_id):
+        table = _read_hub(path_or_hub_id, config, kind)
+    else:
+        raise DataError(f"data path not found: {path_or_hub_id}")
+    out = ClearSplit(config=config, kind=kind, source=str(path_or_hub_id))
+    for i, row in enumerate(table.to_pylist()):
+        _add_row(out, row, f"{where} row {i}")
+    return out
+
+
+def _read_local(folder: Path, kind: str) -> pa.Table:
+    if not folder.is_dir():
+        raise DataError(
+            f"{folder}: config folder not found (a CLEAR folder holds one folder per config, "
+            f"e.g. forget05/ with {PARQUET_NAME})"
+        )
+    files = sorted(folder.rglob("*.parquet"))
+    if not files:
+        raise DataError(f"{folder}: no parquet file")
+    for f in files:
+        try:
+            file_schema = pq.read_schema(f)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{f}: unreadable parquet ({_short(e)})") from e
+        check_schema(file_schema, str(f), kind)
+
+    import datasets  # heavy import: only when actually loading
+
+    with _quiet(), tempfile.TemporaryDirectory(prefix="dsunlearn-parquet-") as cache:
+        try:
+            ds = datasets.Dataset.from_parquet(
+                [str(f) for f in files], keep_in_memory=True, cache_dir=cache
+            )
+        except Exception as e:  # datasets raises many types; all mean "cannot read this"
+            raise DataError(f"{folder}: cannot read parquet ({_short(e)})") from e
+    return _arrow(ds)
+
+
+def _read_hub(hub_id: str, config: str, kind: str) -> pa.Table:
+    import datasets
+
+    try:  # progress bars stay on: the real dataset is a large download
+        ds = datasets.load_dataset(hub_id, config, split=SPLIT)
+    except Exception as e:  # offline, unknown repo, unknown config...
+        raise DataError(
+            f"cannot load '{hub_id}' config '{config}' from the Hugging Face hub: {_short(e)}"
+        ) from e
+    table = _arrow(ds)
+    check_schema(table.schema, f"{hub_id}/{config}", kind)
+    return table
+
+
+def _arrow(ds: Any) -> pa.Table:
+    """The raw Arrow rows (image bytes undecoded: we decode, and report bad bytes ourselves)."""
+    return ds.with_format("arrow")[:]
+
+
+def check_schema(file_schema: pa.Schema, where: str, kind: str) -> None:
+    """A missing or wrongly typed column -> DataError naming `where` and the column."""
+    names = set(file_schema.names)
+    expected = COLUMNS[kind]
+    for col in expected:
+        if col not in names:
+            raise DataError(
+                f"{where}: parquet is missing column '{col}' (this config has "
+                f"{', '.join(expected)})"
+            )
+    checks: dict[str, Callable[[pa.DataType], bool]] = {
+        "image": _is_image,
+        **{c: _is_string for c in ("caption", "name", "question", "answer", "paraphrased_caption")},
+        **{c: _is_string_list for c in LIST_COLUMNS},
+    }
+    for col in expected:
+        t = file_schema.field(col).type
+        if not checks[col](t) and not pa.types.is_null(t):
+            want = (
+                "an image struct {bytes, path}"
+                if col == "image"
+                else ("a list of strings" if col in LIST_COLUMNS else "string")
+            )
+            raise DataError(f"{where}: column '{col}' has type {t}, expected {want}")
+
+
+def _is_string_list(t: pa.DataType) -> bool:
+    """A list of strings, or a string holding a JSON list."""
+    return _is_string(t) or (_is_list(t) and _is_string(t.value_type))
+
+
+def _str(row: dict[str, Any], col: str, where: str) -> str:
+    value = row.get(col)
+    if value is None:
+        raise DataError(f"{where}: column '{col}' is empty")
+    return str(value)
+
+
+def _opt_str(row: dict[str, Any], col: str) -> str | None:
+    value = row.get(col)
+    return None if value is None else str(value)
+
+
+def _str_list(row: dict[str, Any], col: str, where: str) -> list[str]:
+    """A list column, or the same list written as a JSON string."""
+    value = row.get(col)
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: column '{col}' is not valid JSON ({e.msg})") from e
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise DataError(f"{where}: column '{col}' is not a JSON list of strings")
+    return [str(v) for v in value]
+
+
+def _img(row: dict[str, Any], where: str) -> Image.Image:
+    im = _image(row.get("image"), where)
+    if im is None:
+        raise DataError(f"{where}: column 'image' holds no image")
+    return im
+
+
+def _add_row(out: ClearSplit, row: dict[str, Any], where: str) -> None:
+    kind = out.kind
+    if kind == KIND_TOFU and row.get("image") is None:  # a TOFU text row
+        out.text_qa.append(
+            TextQA(question=_str(row, "question", where), answer=_str(row, "answer", where))
+        )
+    elif kind in (KIND_CAPTIONS, KIND_TOFU, KIND_PERTURBED):
+        out.captions.append(
+            CaptionRow(
+                image=_img(row, where),
+                caption=_str(row, "caption", where),
+                name=_opt_str(row, "name") if kind == KIND_TOFU else _str(row, "name", where),
+                paraphrased_caption=_opt_str(row, "paraphrased_caption"),
+                perturbed_captions=_str_list(row, "perturbed_captions", where),
+                perturbed_names=_str_list(row, "perturbed_names", where),
+            )
+        )
+    else:
+        out.choices.append(
+            ChoiceRow(
+                image=_img(row, where),
+                question=_opt_str(row, "question"),
+                answer=_str(row, "answer", where),
+                options=_str_list(row, "options", where),
+            )
+        )
