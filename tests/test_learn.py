@@ -30,6 +30,10 @@ def test_compare_histories():
         compare_histories([{"step": 250, "loss": 0.6, "forget_vqa_acc": 0.85}], rec, tol=0.03)
     with pytest.raises(DsunlearnError, match="no evaluation at step 500"):
         compare_histories([{"step": 500, "forget_vqa_acc": 0.9}], rec, tol=0.03)
+    # Another CPU path: the loss is not compared, the accuracies still are.
+    compare_histories([{"step": 250, "loss": 0.6, "forget_vqa_acc": 0.85}], rec, 0.05, False)
+    with pytest.raises(DsunlearnError, match="forget_vqa_acc"):
+        compare_histories([{"step": 250, "loss": 0.6, "forget_vqa_acc": 0.7}], rec, 0.05, False)
 
 
 def test_augment_keeps_size_and_varies():
