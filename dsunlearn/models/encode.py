@@ -2,7 +2,8 @@
 
 One code path for every family: the processor's chat template writes the prompt and the
 processor expands each image placeholder to one token per visual feature, so the same encoder
-serves tiny and real LLaVA / Qwen2-VL models. Image and text-only rows can share a batch.
+serves tiny and real LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Idefics3 models. Image and text-only
+rows can share a batch.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from transformers.processing_utils import ProcessorMixin
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, image tokens, padding)
 _NOT_MODEL_INPUTS = ("labels", "token_mask")
 
-# Inputs whose rows follow the text rows (padded with the text) vs. per-image tensors.
+# Inputs whose rows follow the text rows (padded with the text) vs. vision inputs, passed on as
+# the processor made them: per image (pixel_values; Qwen2-VL's image_grid_thw; LLaVA-NeXT's
+# image_sizes) or per row (Idefics3's pixel_values and pixel_attention_mask, [B, views, ...]).
 _PER_TOKEN_KEYS = ("mm_token_type_ids",)
-_PER_IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+_PER_IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")
 
 
 def build_prompt(processor: ProcessorMixin, question: str, has_image: bool) -> str:
@@ -76,7 +79,8 @@ def encode_for_loss(
 
     Labels are aligned with `input_ids` (the models shift them inside). Returns input_ids,
     attention_mask, labels, and where the batch has images pixel_values (+ image_grid_thw and
-    mm_token_type_ids for Qwen2-VL, whose M-RoPE needs them).
+    mm_token_type_ids for Qwen2-VL, whose M-RoPE needs them; image_sizes for LLaVA-NeXT;
+    pixel_attention_mask for Idefics3).
 
     With `target_phrases` (one per row, None for none) it also returns `token_mask` [B, T] bool:
     True on every answer token that overlaps the row's phrase (character offsets of the very
@@ -199,7 +203,7 @@ def final_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> torch.Ten
     The whole model is called, so engines and ZeRO-3 hooks see an ordinary forward, but with
     `logits_to_keep=1`: the [B, T, V] logits a fused loss exists to avoid are never built. The
     states are taken from the output of the backbone (`model.base_model`, i.e. `model.model`
-    in LLaVA and Qwen2-VL), whose first output is the normed last hidden state.
+    in every supported family), whose first output is the normed last hidden state.
     """
     hf = hf_model(model)
     backbone = getattr(hf, "base_model", None)

@@ -22,28 +22,26 @@ from transformers.processing_utils import ProcessorMixin
 
 from dsunlearn.errors import ModelError
 from dsunlearn.fsutil import atomic_dir
+from dsunlearn.models.families import (
+    FAMILIES,
+    family_of,
+    family_of_arch,
+    family_of_config,
+    strip_wrappers,
+)
 from dsunlearn.models.tiny import TINY_MODELS, build_tiny_config, build_tiny_processor
 
-# Parameter-name prefixes of each family's parts (transformers 5.x names). An unlearning method
-# uses them to freeze or target parts (e.g. only the projector, or vision + projector).
+# Architecture -> part -> parameter-name prefixes (with their trailing "."), derived from the
+# family table (`dsunlearn.models.families`); the output head counts as the language model.
 MODULE_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
-    "LlavaForConditionalGeneration": {
-        "vision": ("model.vision_tower.",),
-        "projector": ("model.multi_modal_projector.",),
-        "language": ("model.language_model.", "lm_head."),
-    },
-    "Qwen2VLForConditionalGeneration": {
-        "vision": ("model.visual.",),
-        "projector": ("model.visual.merger.",),  # inside `visual`: the longest prefix wins
-        "language": ("model.language_model.", "lm_head."),
-    },
+    arch: {
+        "vision": tuple(p + "." for p in f.vision),
+        "projector": tuple(p + "." for p in f.projector),
+        "language": tuple(p + "." for p in (*f.language, *f.lm_head)),
+    }
+    for f in FAMILIES
+    for arch in f.architectures
 }
-MODULE_GROUPS["Qwen2_5_VLForConditionalGeneration"] = MODULE_GROUPS[
-    "Qwen2VLForConditionalGeneration"
-]
-
-# Prefixes that wrappers put in front of the model's own names (DDP/DeepSpeed, PEFT, compile).
-_WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
 
 # The HfDeepSpeedConfig of the last ZeRO-3 load. transformers holds only a weakref to it, and
 # later calls (generate's synced GPUs, embedding resizes) must still see ZeRO-3 as enabled.
@@ -51,38 +49,27 @@ _LIVE_HF_DS_CONFIG: Any = None
 
 
 def block_linears(model: torch.nn.Module) -> list[str]:
-    """Names of the `nn.Linear` modules of the blocks: every Linear but the output head (what
-    LoRA adapts and MMUnlearner's Linear-only mask covers)."""
-    head = model.get_output_embeddings()
+    """Names of the `nn.Linear` modules of the blocks (attention and MLP projections of every
+    layer, and the projector's), as the family table lays them out; never the output head.
+    What LoRA adapts (language model only) and MMUnlearner's Linear-only mask covers."""
+    family = family_of(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not head
+        if isinstance(module, torch.nn.Linear)
+        and module is not head
+        and family.is_block_module(strip_wrappers(name))
     ]
 
 
 def module_group(arch: str, param_name: str) -> str:
-    """The part ("vision", "projector" or "language") a parameter belongs to."""
-    if arch not in MODULE_GROUPS:
-        raise ModelError(
-            f"unsupported architecture {arch!r}; supported: {', '.join(MODULE_GROUPS)}"
-        )
-    name = param_name
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                stripped = True
-    best, best_len = None, -1
-    for group, prefixes in MODULE_GROUPS[arch].items():
-        for prefix in prefixes:
-            if name.startswith(prefix) and len(prefix) > best_len:
-                best, best_len = group, len(prefix)
-    if best is None:
+    """The part ("vision", "projector" or "language") a parameter belongs to; the output head is
+    part of the language model. `arch` is the model's class name."""
+    part = family_of_arch(arch).part(strip_wrappers(param_name))
+    if part is None:
         raise ModelError(f"parameter {param_name!r} belongs to no known part of {arch}")
-    return best
+    return "language" if part == "lm_head" else part
 
 
 def pick_attn_implementation() -> str:
@@ -181,6 +168,19 @@ def _build_tiny(name: str, dtype: torch.dtype, seed: int) -> tuple[PreTrainedMod
     return model, processor
 
 
+def _check_family(source: str, local_only: bool) -> None:
+    """Refuse, in one line that lists the supported ones, a model whose family is not in the
+    table, before any weights are read."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source, local_files_only=local_only)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot load model {source}: {reason}") from e
+    family_of_config(config, source)
+
+
 def load_model_and_processor(
     name_or_path: str,
     *,
@@ -191,14 +191,17 @@ def load_model_and_processor(
     """A model and its processor from a built-in tiny name, a saved folder or a hub id.
 
     With a ZeRO-3 `ds_config` the model is partitioned while it is built or loaded (call
-    `deepspeed.init_distributed` first). `seed` only matters for built-in tiny models, which
-    are freshly initialised.
+    `dsunlearn.engine.dist.init_distributed` first). A folder or hub id must hold one of the
+    families of `dsunlearn.models.families` (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
+    Idefics3); any other architecture is refused with one line that lists them. `seed` only
+    matters for built-in tiny models, which are freshly initialised.
     """
     _activate_ds_config(ds_config)
     if name_or_path in TINY_MODELS:
         return _build_tiny(name_or_path, dtype, seed)
 
     source, local_only = _resolve(name_or_path)
+    _check_family(source, local_only)
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForImageTextToText.from_pretrained(

@@ -1,9 +1,10 @@
 """LoRA adapters (peft) on the language model, for methods that train adapters, not weights.
 
 SIU's paper fine-tunes LLaVA with LoRA. The default targets are every `nn.Linear` of the
-language model except `lm_head` (the vision tower and projector stay frozen), resolved to exact
-module names so that no architecture-specific suffix list is needed. Under ZeRO-3 the adapters
-are created after the base model was partitioned; `deepspeed.initialize` partitions them too.
+language model's blocks, never `lm_head` (the vision tower and projector stay frozen), taken
+from the family table (`dsunlearn.models.families`) and resolved to exact module names, so that
+no architecture-specific suffix list is needed. Under ZeRO-3 the adapters are created after the
+base model was partitioned; `deepspeed.initialize` partitions them too.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ import torch
 
 from dsunlearn.config import LoraConfig
 from dsunlearn.errors import ConfigError, ModelError
-from dsunlearn.models.loader import MODULE_GROUPS, block_linears, module_group
+from dsunlearn.models.families import family_of, strip_wrappers
+from dsunlearn.models.loader import block_linears
 
 
 def default_lora_targets(model: torch.nn.Module) -> list[str]:
-    """Names of every Linear of the language model but `lm_head`."""
-    arch = type(model).__name__
-    if arch not in MODULE_GROUPS:
-        raise ModelError(
-            f"unsupported architecture {arch!r}; supported: {', '.join(MODULE_GROUPS)}"
-        )
+    """Names of every block Linear of the language model (never `lm_head`), from the family
+    table; an architecture not in it is refused with the supported list."""
+    family = family_of(model)
     return [
-        name for name in block_linears(model) if module_group(arch, name + ".weight") == "language"
+        name
+        for name in block_linears(model)
+        if family.part(strip_wrappers(name) + ".weight") == "language"
     ]
 
 

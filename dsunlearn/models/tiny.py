@@ -1,22 +1,35 @@
 """Built-in tiny multimodal models that need no download.
 
-Two families mirror the real targets at toy scale so every code path (processor expansion of
-image tokens, ZeRO-3 partitioning, save/reload) runs on a CPU in seconds:
+Four families mirror the real targets at toy scale so every code path (processor expansion of
+image tokens, ZeRO-3 partitioning, save/reload) runs on a CPU in seconds (a few M parameters):
 
-- ``tiny-llava``: CLIP ViT (32x32 images, patch 8 -> 16 image tokens) + Llama decoder.
+- ``tiny-llava`` (LLaVA-1.5): CLIP ViT (32x32 images, patch 8 -> 16 image tokens) + Llama.
 - ``tiny-qwen2-vl``: Qwen2-VL vision tower (32x32, patch 4, 2x2 merge -> 16 image tokens) + Qwen2
   decoder with M-RoPE.
+- ``tiny-llava-next`` (LLaVA-NeXT, "anyres"): a 32x32 image becomes a 16x16 base view plus a 2x2
+  grid of 16x16 crops through a CLIP ViT (patch 4), unpadded and packed with a learned newline
+  embedding per row -> 16 + 8 x (8 + 1) = 88 image tokens; Llama decoder.
+- ``tiny-idefics3``: the image is split into 2x2 tiles of 16x16 plus a global view, each through a
+  SigLIP-style ViT (patch 4, 16 patches) and a 2x2 pixel shuffle -> 4 tokens per view, framed by
+  `<fake_token_around_image>`, `<row_i_col_j>` and `<global-img>` tags; Llama decoder.
 
-Tokenizers (both deterministic, built in-process, no download):
+Mllama (cross-attention to image tiles) is not built in: its processor nests a flat image list
+as one sample (a batch with a text-only row fails), and its per-token `cross_attention_mask`
+[B, T, images, tiles] does not fit the token-insertion path the other families share.
 
-- ``tiny-llava`` uses a word-level tokenizer over `tiny_vocabulary()` (`build_tiny_tokenizer`):
-  every word of the built-in world is one token, split like `split_words`, and answers are short
-  token sequences. Learned tiny-llava checkpoints depend on exactly this vocabulary.
-- ``tiny-qwen2-vl`` uses a byte-level BPE tokenizer (`build_tiny_bpe_tokenizer`) trained on the
-  built-in world's text, like real Qwen2-VL's: Qwen2's split regex, GPT-2 byte alphabet, no
-  prefix space. A word tokenizes differently at the start of a text than after a space ("Jorna"
-  vs " Jorna" -> "J"... vs "ĠJ"...), entity names are split into several pieces, and no input is
-  ever unknown. Code that maps names or phrases to token ids is tested against this behaviour.
+Tokenizers (all deterministic, built in-process, no download):
+
+- ``tiny-llava`` and ``tiny-llava-next`` use a word-level tokenizer over `tiny_vocabulary()`
+  (`build_tiny_tokenizer`): every word of the built-in world is one token, split like
+  `split_words`, and answers are short token sequences. Learned tiny-llava checkpoints depend on
+  exactly this vocabulary.
+- ``tiny-qwen2-vl`` and ``tiny-idefics3`` use a byte-level BPE tokenizer
+  (`build_tiny_bpe_tokenizer`) trained on the built-in world's text, like real Qwen2-VL's:
+  Qwen2's split regex, GPT-2 byte alphabet, no prefix space (both the same merges; only their
+  special tokens differ). A word tokenizes differently at the start of a text than after a space
+  ("Jorna" vs " Jorna" -> "J"... vs "ĠJ"...), entity names are split into several pieces, and no
+  input is ever unknown. Code that maps names or phrases to token ids is tested against this
+  behaviour.
 """
 
 from __future__ import annotations
@@ -30,8 +43,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import (
     AutoProcessor,
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3Processor,
     LlamaConfig,
     LlavaConfig,
+    LlavaNextConfig,
+    LlavaNextProcessor,
     LlavaProcessor,
     PretrainedConfig,
     PreTrainedTokenizerFast,
@@ -39,6 +56,11 @@ from transformers import (
     Qwen2VLProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
@@ -57,6 +79,16 @@ QWEN_SPECIALS: tuple[str, ...] = (
     "<|vision_end|>",
     "<|image_pad|>",
     "<|video_pad|>",
+)
+LLAVA_NEXT_SPECIALS: tuple[str, ...] = (IMAGE, "[INST]", "[/INST]")
+# Idefics3's image framing: every tile and the global view sit between fake tokens, tagged with
+# its grid position (up to 6x6, as the processor knows them) or <global-img>.
+IDEFICS3_SPECIALS: tuple[str, ...] = (
+    "<fake_token_around_image>",
+    IMAGE,
+    "<end_of_utterance>",
+    "<global-img>",
+    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
 )
 
 # "USER: <image> question ASSISTANT:" -- the LLaVA-1.5 format. Text items are written verbatim, an
@@ -87,6 +119,40 @@ QWEN_CHAT_TEMPLATE = (
     "<|im_end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# llava-v1.6-mistral's format: "[INST] <image>\nquestion [/INST]", images before the text.
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST] "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for item in message['content'] if item['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}"
+    "{% endif %} [/INST]"
+    "{% elif message['role'] == 'assistant' %} "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endfor %}{% endif %}</s>"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+# Idefics3-8B-Llama3's format without <|begin_of_text|>: "User:<image>question<end_of_utterance>\n
+# Assistant:" (no space after "User:" when the turn starts with an image).
+IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}: {{ message['content'] }}"
+    "{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}<image>{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_utterance>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
 
@@ -150,7 +216,9 @@ def tiny_bpe_corpus(extra_words: tuple[str, ...] = ()) -> list[str]:
 
 
 def build_tiny_bpe_tokenizer(
-    extra_specials: tuple[str, ...], extra_words: tuple[str, ...] = ()
+    extra_specials: tuple[str, ...],
+    extra_words: tuple[str, ...] = (),
+    vocab_size: int = TINY_BPE_VOCAB_SIZE,
 ) -> PreTrainedTokenizerFast:
     """Byte-level BPE tokenizer trained on `tiny_bpe_corpus`: specials first (ids 0..), then bytes.
 
@@ -169,7 +237,7 @@ def build_tiny_bpe_tokenizer(
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_BPE_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -334,6 +402,117 @@ def _qwen_config(processor: ProcessorMixin) -> Qwen2VLConfig:
     )
 
 
+def _tiny_llama(tok: PreTrainedTokenizerFast) -> LlamaConfig:
+    """The 4-layer, 256-wide Llama decoder of tiny-llava-next and tiny-idefics3."""
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+LLAVA_NEXT_CROP = 16  # side of the base view and of each grid crop
+LLAVA_NEXT_PATCH = 4
+LLAVA_NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]  # a 32x32 image -> 2x2 crops
+
+
+def _llava_next_processor() -> LlavaNextProcessor:
+    tok = build_tiny_tokenizer(LLAVA_NEXT_SPECIALS)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": LLAVA_NEXT_CROP},
+        crop_size={"height": LLAVA_NEXT_CROP, "width": LLAVA_NEXT_CROP},
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        do_center_crop=True,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=LLAVA_NEXT_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by "default"
+        chat_template=LLAVA_NEXT_CHAT_TEMPLATE,
+        image_token=IMAGE,
+    )
+
+
+def _llava_next_config(processor: ProcessorMixin) -> LlavaNextConfig:
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=LLAVA_NEXT_CROP,
+        patch_size=LLAVA_NEXT_PATCH,
+        attention_dropout=0.0,
+        projection_dim=128,
+    )
+    side = LLAVA_NEXT_CROP // LLAVA_NEXT_PATCH  # 4 patches a side per view
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=_tiny_llama(tok),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE),  # default 32000 is out of range
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        image_seq_length=side * side + 2 * side * (2 * side + 1),  # 88 for a square image
+        vision_feature_layer=-1,  # -2 would leave the tiny tower's last layer without gradients
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+
+
+IDEFICS3_TILE = 16  # side of each tile and of the global view
+IDEFICS3_PATCH = 4
+IDEFICS3_SCALE = 2  # pixel shuffle: 2x2 patches -> one token
+IDEFICS3_SEQ_LEN = (IDEFICS3_TILE // IDEFICS3_PATCH) ** 2 // IDEFICS3_SCALE**2  # 4 per view
+
+
+def _idefics3_processor() -> Idefics3Processor:
+    # The same merges as tiny-qwen2-vl's tokenizer: the 40 framing specials come on top.
+    extra = len(IDEFICS3_SPECIALS) - len(QWEN_SPECIALS)
+    tok = build_tiny_bpe_tokenizer(IDEFICS3_SPECIALS, vocab_size=TINY_BPE_VOCAB_SIZE + extra)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * IDEFICS3_TILE},  # any image -> at most 2x2 tiles
+        max_image_size={"longest_edge": IDEFICS3_TILE},
+        do_image_splitting=True,
+    )
+    return Idefics3Processor(
+        image_processor,
+        tok,
+        image_seq_len=IDEFICS3_SEQ_LEN,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+
+
+def _idefics3_config(processor: ProcessorMixin) -> Idefics3Config:
+    tok = processor.tokenizer
+    vision = Idefics3VisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IDEFICS3_TILE,
+        patch_size=IDEFICS3_PATCH,
+        attention_dropout=0.0,
+    )
+    return Idefics3Config(
+        vision_config=vision,
+        text_config=_tiny_llama(tok),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE),  # default 128257 is out of range
+        scale_factor=IDEFICS3_SCALE,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
 @dataclass(frozen=True)
 class TinySpec:
     """How to build one built-in tiny model: its processor and its config from that processor."""
@@ -346,6 +525,12 @@ class TinySpec:
 TINY_MODELS: dict[str, TinySpec] = {
     "tiny-llava": TinySpec("LlavaForConditionalGeneration", _llava_processor, _llava_config),
     "tiny-qwen2-vl": TinySpec("Qwen2VLForConditionalGeneration", _qwen_processor, _qwen_config),
+    "tiny-llava-next": TinySpec(
+        "LlavaNextForConditionalGeneration", _llava_next_processor, _llava_next_config
+    ),
+    "tiny-idefics3": TinySpec(
+        "Idefics3ForConditionalGeneration", _idefics3_processor, _idefics3_config
+    ),
 }
 
 
