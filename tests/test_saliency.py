@@ -169,3 +169,24 @@ def test_paper_default_mask_is_language_linear_weights_with_a_heatmap(tmp_path, 
     assert sum(picked.values()) > 0
     assert summary["per_group"]["vision"] == 0.0 and summary["per_group"]["language"] > 0.0
     assert (out / "saliency.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    "family", ["tiny-llava", "tiny-qwen2-vl", "tiny-llava-next", "tiny-idefics3"]
+)
+def test_heatmap_cells_come_from_the_family_table(family):
+    """Every block Linear weight gets a (group, layer, module) cell, in the vision tower too
+    (Qwen2-VL numbers `visual.blocks.N`, not `layers.N`); projector and head get none."""
+    from dsunlearn.models import load_model_and_processor
+    from dsunlearn.models.loader import block_linears
+    from dsunlearn.recipes.saliency import _cell
+
+    model, _ = load_model_and_processor(family, seed=0)
+    arch = type(model).__name__
+    names = {n for n, _ in model.named_parameters()}
+    linears = [f"{m}.weight" for m in block_linears(model) if f"{m}.weight" in names]
+    cells = {n: _cell(arch, n) for n in linears}
+    layered = {n: c for n, c in cells.items() if c is not None}
+    assert {c[0] for c in layered.values()} == {"vision", "language"}
+    assert all(c[1] >= 0 and c[2] and not c[2].endswith("weight") for c in layered.values())
+    assert _cell(arch, "lm_head.weight") is None

@@ -12,7 +12,6 @@ Read top to bottom:
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,12 +24,11 @@ from dsunlearn.engine.dist import all_reduce_sum, barrier, get_logger, init_dist
 from dsunlearn.engine.engine import build_train_engine
 from dsunlearn.errors import ConfigError
 from dsunlearn.fsutil import atomic_path, write_json_atomic
+from dsunlearn.models.families import family_of_arch, strip_wrappers
 from dsunlearn.models.loader import load_model_and_processor, module_group
 from dsunlearn.recipes.common import deepspeed_config, model_dtype, prepare_benchmark
 from dsunlearn.saliency.compute import check_saliency, compute_saliency
 from dsunlearn.saliency.store import save_mask
-
-_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
 def run_saliency(cfg: SaliencyConfig) -> Path:
@@ -107,12 +105,16 @@ def _layer_key(arch: str, name: str) -> str | None:
 
 
 def _cell(arch: str, name: str) -> tuple[str, int, str] | None:
-    """(group, layer, module) of a layered weight: where a heat-map cell is."""
-    m = _LAYER_RE.search(name)
-    if m is None:
+    """(group, layer, module) of a weight inside a numbered block (vision or language layers,
+    as the family table names them: `layers.N`, Qwen2-VL's `visual.blocks.N`, ...): where a
+    heat-map cell is. None outside the blocks (projector, embeddings, norms, head)."""
+    bare = strip_wrappers(name)
+    m = family_of_arch(arch).block_re.fullmatch(bare)
+    numbered = [g for g, v in (m.groupdict().items() if m else ()) if v is not None]
+    if not numbered:
         return None
-    module = name[m.end() :].removesuffix(".weight").removesuffix(".bias")
-    return module_group(arch, name), int(m.group(1)), module
+    module = bare[m.end(numbered[0]) + 1 :].removesuffix(".weight").removesuffix(".bias")
+    return module_group(arch, name), int(m.group(numbered[0])), module
 
 
 def plot_heatmap(arch: str, per_param: dict[str, dict[str, int]], path: Path) -> None:
