@@ -92,7 +92,6 @@ class Method:
     name: ClassVar[str] = ""
     uses_retain: ClassVar[bool] = False  # take a retain step after every forget step
     uses_reference: ClassVar[bool] = False  # needs the frozen vanilla model
-    masks_weights: ClassVar[bool] = False  # acts on the model's own weights (no LoRA)
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

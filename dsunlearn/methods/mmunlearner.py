@@ -6,7 +6,11 @@
 2. The paper's alternating schedule: one forget step, -CE(forget VQA) with the gradient masked
    in place before the optimizer step, then len(retain)/len(forget) retain steps, +CE(retain
    VQA), unmasked.
-3. Weight decay is applied by `saliency.apply.MaskedUpdate` (the engine's AdamW runs with
+3. Under LoRA (`peft.lora.r > 0`) the scores, the mask and the masked update are those of the
+   trainable parameters, the adapters; the module filter judges each adapter matrix as the
+   Linear it adapts (`saliency.compute.mask_filter`). LoRA adapts the language model only, so
+   `mmu_mask.modules=vision` admits nothing there and is refused with one line.
+4. Weight decay is applied by `saliency.apply.MaskedUpdate` (the engine's AdamW runs with
    weight_decay 0): selected weights only in a forget step, every matrix in a retain step.
 """
 
@@ -29,8 +33,7 @@ from dsunlearn.saliency.store import load_mask, save_mask
 
 @register("mmunlearner")
 class MMUnlearner(Method):
-    uses_retain = True
-    masks_weights = True
+    uses_retain = True  # masks whatever trains: the model's weights, or its LoRA adapters
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)
@@ -86,6 +89,11 @@ class MMUnlearner(Method):
         meta["selected_share"] = counts[0] / max(1, counts[1])
         meta["source"] = source
         self.mask_meta = meta
+        if counts[0] == 0:  # a legitimate outcome (e.g. ratio mode on a random model), but
+            log.warning(  # then the forget steps change nothing
+                f"mmunlearner: the mask selects no weight (mode {meta['spec']['mode']}, "
+                f"threshold {meta['threshold']:.4g}): the forget steps will change nothing"
+            )
         log.info(
             f"mmunlearner: mask ({meta['spec']['mode']}, threshold {meta['threshold']:.4g}) "
             f"selects {meta['selected_share']:.3f} of the trainable weights; {source}"

@@ -34,7 +34,7 @@ from dsunlearn.engine.dist import all_reduce_sum, barrier, get_logger, init_dist
 from dsunlearn.engine.ds_config import zero_stage
 from dsunlearn.engine.engine import build_reference_engine, build_train_engine, optimizer_step
 from dsunlearn.engine.preempt import PreemptionFlag
-from dsunlearn.errors import ConfigError, DataError, ModelError, Preempted
+from dsunlearn.errors import DataError, ModelError, Preempted
 from dsunlearn.eval.evaluate import CHANCE, build_eval_sets, evaluate, generate_probe_answers
 from dsunlearn.fsutil import write_json_atomic
 from dsunlearn.methods import build_method
@@ -74,12 +74,6 @@ def _mean_over_ranks(x: torch.Tensor, world: int) -> float:
 def run_unlearn(cfg: UnlearnConfig) -> Path:
     t0 = time.time()
     methods = [build_method(name, cfg.method) for name in cfg.methods]  # fail fast on a typo
-    for method in methods:
-        if method.masks_weights and cfg.peft.lora.r > 0:
-            raise ConfigError(
-                f"{method.name} masks the model's own weights: it does not combine with "
-                "peft.lora.r > 0"
-            )
     # Early: under launch/slurm.sbatch the ranks start with USR1/TERM ignored, and a
     # signal that arrives before this is lost (the job script repeats it every 30 s).
     preempt = PreemptionFlag().install()

@@ -46,7 +46,10 @@ class MaskedUpdate:
         for p in params:
             name = names[id(p)]
             if name not in masks:
-                raise ConfigError(f"the saliency mask has no entry for parameter {name}")
+                raise ConfigError(
+                    f"the saliency mask has no entry for trainable parameter {name}: it was "
+                    "built for other trainable parameters (same model and peft.lora settings?)"
+                )
             m = masks[name]
             if m.numel() != p.partition_numel():
                 raise ConfigError(

@@ -7,19 +7,21 @@ and the gradients are cleared afterwards, so the engine is left as it was found.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dsunlearn.config import SaliencyConfig
+from dsunlearn.config import MaskConfig, SaliencyConfig
 from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
 from dsunlearn.data.mllmu import Benchmark
 from dsunlearn.engine.batches import to_device
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.errors import ConfigError, DataError
 from dsunlearn.models.encode import encode_examples, hf_model, logits_of, sequence_nll
+from dsunlearn.models.families import strip_wrappers
 from dsunlearn.models.loader import block_linears, module_group
 from dsunlearn.saliency.mask import build_masks, check_spec
 from dsunlearn.saliency.scores import Scores, accumulate_units, real_element_count
@@ -33,6 +35,62 @@ class SaliencyResult:
     score_bytes: int  # F_forget + F_preserve on this rank: 2 x the fp32 partition
     arch: str
     named: list[tuple[str, torch.nn.Parameter]]
+
+
+# What peft puts below an adapted module: the wrapped Linear and each adapter's A and B Linears.
+_PEFT_SUBMODULE = re.compile(r"\.(?:base_layer|lora_[AB]\.[^.]+)$")
+
+
+def own_module(name: str) -> str:
+    """The model's own module a (possibly wrapped) module name stands for: wrapper prefixes and
+    peft's sub-modules stripped (`base_model.model.X.lora_A.default` -> `X`)."""
+    return _PEFT_SUBMODULE.sub("", strip_wrappers(name))
+
+
+def own_param_name(name: str) -> str:
+    """The model's own parameter a trainable parameter belongs to: a LoRA matrix
+    (`base_model.model.X.lora_B.default.weight`) stands for the weight of the Linear `X` it
+    adapts (`X.weight`); any other name loses only its wrapper prefixes."""
+    module, _, leaf = strip_wrappers(name).rpartition(".")
+    return f"{own_module(module)}.{leaf}" if module else leaf
+
+
+def mask_filter(model: Any, spec: MaskConfig) -> Callable[[str], bool]:
+    """The module filter of `spec` (vision / language / both, Linear weights only or not) as a
+    predicate on the trainable parameters' names of `model` (an engine, a peft model or a
+    transformers model). Under LoRA the trainable parameters are the adapters: each is judged
+    as the Linear it adapts, so `...q_proj.lora_A.default.weight` is a language block Linear."""
+    hf = hf_model(model)
+    arch = type(hf).__name__
+    # The paper masks the blocks' Linear weights (proj/fc/mlp/qkv), never the output head.
+    linear_weights = {f"{own_module(name)}.weight" for name in block_linears(hf)}
+
+    def selected(name: str) -> bool:
+        own = own_param_name(name)
+        group = module_group(arch, own)
+        if spec.modules == "vision" and group == "language":
+            return False
+        if spec.modules == "language" and group != "language":
+            return False
+        return not spec.linear_only or own in linear_weights
+
+    return selected
+
+
+def describe_filter(spec: MaskConfig) -> str:
+    return f"mask.modules={spec.modules}, mask.linear_only={str(spec.linear_only).lower()}"
+
+
+def check_filter_admits(names: Sequence[str], selected: Callable[[str], bool], spec) -> None:
+    """One line, not a silently empty mask, when the filter admits no trainable parameter."""
+    if any(selected(n) for n in names):
+        return
+    lora = any(".lora_" in n for n in names)
+    why = " (LoRA adapts the language model's Linears only)" if lora else ""
+    raise ConfigError(
+        f"the saliency filter {describe_filter(spec)} admits none of the {len(names)} "
+        f"trainable parameters{why}: nothing could be unlearned"
+    )
 
 
 def check_saliency(cfg: SaliencyConfig, world: int) -> None:
@@ -71,14 +129,17 @@ def compute_saliency(
     check_saliency(cfg, info.world_size)
     arch = type(hf_model(engine)).__name__
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    scores = Scores.zeros(named, info.device)
 
     def loss_fn(eng: Any, examples: list[Any]) -> torch.Tensor:
         batch = to_device(encode_examples(processor, examples), info.device)
         return sequence_nll(logits_of(eng, batch), batch["labels"]).mean()  # CE per example
 
     def language(name: str) -> bool:
-        return module_group(arch, name) == "language"
+        return module_group(arch, own_param_name(name)) == "language"
+
+    selected = mask_filter(engine, cfg.mask)
+    check_filter_admits([n for n, _ in named], selected, cfg.mask)  # before any scoring
+    scores = Scores.zeros(named, info.device)
 
     forget = vqa_train_examples(bench.forget)
     if len(forget) < cfg.unit_batch:
@@ -107,17 +168,6 @@ def compute_saliency(
         scores.preserve[name].div_(max(1, n_preserve))
 
     real = {n: real_element_count(p, rank) for n, p in named}
-    # The paper masks the blocks' Linear weights (proj/fc/mlp/qkv), never the output head.
-    linear_weights = {f"{name}.weight" for name in block_linears(hf_model(engine))}
-
-    def selected(name: str) -> bool:
-        group = module_group(arch, name)
-        if cfg.mask.modules == "vision" and group == "language":
-            return False
-        if cfg.mask.modules == "language" and group != "language":
-            return False
-        return not cfg.mask.linear_only or name in linear_weights
-
     masks, threshold = build_masks(
         scores.forget, scores.preserve, real, selected, cfg.mask, info.device
     )

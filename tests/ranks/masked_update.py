@@ -1,9 +1,11 @@
 """Run under `deepspeed --num_gpus N`: N masked GA steps with AdamW and weight decay > 0, then
 report (rank 0) how many weights outside the mask changed. Used by tests/test_saliency.py.
 
-    deepspeed --num_gpus 2 tests/ranks/masked_update.py VANILLA BENCH MASK_DIR OUT_JSON STEPS [adamw]
+    deepspeed --num_gpus 2 tests/ranks/masked_update.py VANILLA BENCH MASK_DIR OUT_JSON STEPS \
+        [adamw] [lora]
 
-With `adamw` (the control) the decay is left to torch's AdamW, which decays every weight.
+With `adamw` (the control) the decay is left to torch's AdamW, which decays every weight. With
+`lora` the model trains LoRA adapters (r=4, the default targets), and the mask is theirs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 
 import torch
 
-from dsunlearn.config import DataConfig, ModelConfig, OptimConfig
+from dsunlearn.config import DataConfig, LoraConfig, ModelConfig, OptimConfig
 from dsunlearn.data.examples import vqa_train_examples
 from dsunlearn.engine.batches import global_batches, to_device
 from dsunlearn.engine.dist import all_reduce_sum, init_distributed
@@ -21,6 +23,7 @@ from dsunlearn.engine.engine import build_train_engine, optimizer_step
 from dsunlearn.methods.base import example_ce
 from dsunlearn.models.encode import encode_examples, logits_of
 from dsunlearn.models.loader import load_model_and_processor
+from dsunlearn.models.lora import apply_lora
 from dsunlearn.recipes.common import deepspeed_config, prepare_benchmark
 from dsunlearn.saliency.apply import MaskedUpdate
 from dsunlearn.saliency.store import load_mask
@@ -29,10 +32,13 @@ WEIGHT_DECAY = 0.1
 
 
 def gathered_params(engine) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, gathered."""
     import deepspeed
 
     out = {}
     for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             out[name] = p.detach().clone().cpu().reshape(-1)
     return out
@@ -54,13 +60,16 @@ def full_masks(masks: dict[str, torch.Tensor], params: dict[str, torch.Tensor], 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # set by deepspeed
     vanilla, bench_dir, mask_dir, out_json, steps = args[:5]
-    control = args[5:] == ["adamw"]
+    control = "adamw" in args[5:]
+    lora = "lora" in args[5:]
     info = init_distributed()
     bench = prepare_benchmark(DataConfig(path=bench_dir), info)
     # Decay is the masked update's job; the control hands it to the optimizer instead.
     optim = OptimConfig(lr=1e-3, weight_decay=WEIGHT_DECAY if control else 0.0, batch_size=4)
     ds = deepspeed_config("configs/deepspeed/zero3_cpu.json", optim, ModelConfig(), info)
     model, processor = load_model_and_processor(vanilla, ds_config=ds)
+    if lora:
+        model = apply_lora(model, LoraConfig(r=4))
     engine = build_train_engine(model, optim, ds)
     masks, _ = load_mask(mask_dir, info.rank, info.world_size)
     update = MaskedUpdate(engine, masks, 0.0 if control else WEIGHT_DECAY)
