@@ -58,7 +58,7 @@ def run_demo(config: str | None, overrides: list[str], ranks: int) -> Path:
     if ranks < 1:
         raise ConfigError(f"--ranks must be at least 1, got {ranks}")
 
-    learn_cfg = LearnConfig(data=cfg.data, model=cfg.model)
+    learn_cfg = LearnConfig(data=cfg.data, model=cfg.model, seed=cfg.seed)
     if cfg.vanilla is None and not is_complete(vanilla_dir(learn_cfg)):
         print(f"no cached vanilla model at {vanilla_dir(learn_cfg)}: learning it first (slow)")
         from dsunlearn.recipes.learn import run_learn

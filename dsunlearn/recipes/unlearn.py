@@ -54,15 +54,16 @@ from dsunlearn.report import write_report
 
 
 def resolve_vanilla(cfg: UnlearnConfig) -> str:
-    """The model to unlearn: `vanilla` if given, else the learned model for this data + model."""
+    """The model to unlearn: `vanilla` if given, else the learned model for this data, model
+    and seed (`dsunlearn learn data.seed=S seed=S` for `unlearn data.seed=S seed=S`)."""
     if cfg.vanilla:
         return cfg.vanilla
-    learn = LearnConfig(data=cfg.data, model=cfg.model)
+    learn = LearnConfig(data=cfg.data, model=cfg.model, seed=cfg.seed)  # its seed, its vanilla
     path = vanilla_dir(learn)
     if not is_complete(path):
         raise ModelError(
-            f"no learned vanilla model at {path}: run `dsunlearn learn` with the same data "
-            "and model settings first, or set vanilla=DIR"
+            f"no learned vanilla model at {path}: run `dsunlearn learn` with the same data, "
+            "model and seed settings first, or set vanilla=DIR"
         )
     return str(path)
 
