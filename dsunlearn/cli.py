@@ -56,11 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--config", required=True, help="YAML UnlearnConfig")
     un.add_argument("overrides", nargs="*", metavar="key=value")
 
-    ev = sub.add_parser("eval", help="evaluate a model folder on a benchmark")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a model folder on a benchmark, by the benchmark's own protocol",
+        description="Score a model on a benchmark with that benchmark's own metrics "
+        "(dsunlearn/eval/protocols.py) and write report.json/md/png. builtin and mllmu: the "
+        "MLLMU-Bench layout (multiple choice, ROUGE-L, SIU's eff/gen/flu/div) plus min-k%% "
+        "membership inference; clear: CLEAR's name multiple choice, caption and text-QA "
+        "ROUGE-L, real_faces/real_world; mmubench: eff/gen/div/flu, MIA ROUGE-L recall, "
+        "jailbreak leak rate (rule judge), C-Dis (MIA and C-Dis need --vanilla).",
+    )
+    ev.add_argument(
+        "--benchmark",
+        default="builtin",
+        metavar="NAME",
+        help="builtin (default), mllmu, clear or mmubench: the layout of --data and the protocol",
+    )
     ev.add_argument("--model", required=True, help="HF model folder")
     ev.add_argument("--data", required=True, help="benchmark folder or hub id")
-    ev.add_argument("--vanilla", help="optional vanilla model folder to compare against")
-    ev.add_argument("--forget-pct", type=int, default=10)
+    ev.add_argument(
+        "--vanilla",
+        help="the original model folder: its row is reported too, and it is the reference "
+        "of flu, MMUBench's MIA and C-Dis",
+    )
+    ev.add_argument(
+        "--forget-pct",
+        type=int,
+        default=10,
+        help="forget split: builtin/mllmu forget_<P>/ (default 10); clear forget01/05/10 "
+        "(1, 5 or 10); ignored by mmubench",
+    )
     ev.add_argument("--out", default="runs/eval", help="report folder")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="EvalConfig overrides")
 
@@ -136,11 +161,20 @@ def run(args: argparse.Namespace) -> None:
 
         run_unlearn(load_config(UnlearnConfig, args.config, args.overrides))
     elif args.command == "eval":
+        from dsunlearn.eval.protocols import check_benchmark
         from dsunlearn.recipes.evaluate_model import run_eval
 
+        check_benchmark(args.benchmark)
         eval_cfg = from_dict(EvalConfig, apply_overrides({}, args.overrides))
         data = DataConfig(path=args.data, forget_pct=args.forget_pct)
-        run_eval(args.model, data, eval_cfg, args.out, vanilla_dir=args.vanilla)
+        run_eval(
+            args.model,
+            data,
+            eval_cfg,
+            args.out,
+            vanilla_dir=args.vanilla,
+            benchmark=args.benchmark,
+        )
     elif args.command == "saliency":
         from dsunlearn.config import SaliencyConfig
         from dsunlearn.recipes.saliency import run_saliency

@@ -12,7 +12,9 @@ from typing import Any
 from dsunlearn.fsutil import atomic_path, write_json_atomic, write_text_atomic
 
 REQUIRED_KEYS = ("vanilla", "methods", "chance", "world_size", "elapsed_s")
-OPTIONAL_KEYS = ("method_info",)  # method name -> facts about its run (e.g. SIU's images)
+# method_info: method name -> facts about its run (e.g. SIU's images); benchmark: which
+# benchmark and protocol `dsunlearn eval` scored ({"name": ..., ...}); judge: the jailbreak judge.
+OPTIONAL_KEYS = ("method_info", "benchmark", "judge")
 # Metrics that are not scores in [0, 1] (flu is a perplexity, >= 1, lower is better): the chart
 # draws them in a panel of their own. Any other metric with a value outside [0, 1] goes there too.
 UNBOUNDED_METRICS = ("flu",)
@@ -29,6 +31,11 @@ def validate_report(report: dict[str, Any]) -> None:
         for key, value in metrics.items():
             if not isinstance(value, (int, float)):
                 raise ValueError(f"report metric {name}.{key} is not a number: {value!r}")
+    bench = report.get("benchmark", {"name": ""})
+    if not isinstance(bench, dict) or not isinstance(bench.get("name"), str):
+        raise ValueError("report 'benchmark' must be a mapping with a string 'name'")
+    if not isinstance(report.get("judge", ""), str):
+        raise ValueError("report 'judge' must be a string")
     info = report.get("method_info", {})
     if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
         raise ValueError("report 'method_info' must map method names to mappings")
@@ -86,8 +93,20 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     text = (
         f"# {title}\n\n"
         f"World size {report['world_size']}, {report['elapsed_s']:.1f} s, "
-        f"multiple-choice chance {report['chance']}.\n\n" + report_table(report) + "\n"
+        f"multiple-choice chance {report['chance']}.\n\n"
     )
+    if "benchmark" in report:
+        text += f"Benchmark: {report['benchmark']['name']}"
+        if "judge" in report:
+            text += f"; jailbreak judge: {report['judge']}"
+        text += ".\n\n"
+        for note in report["benchmark"].get("notes", []):
+            text += f"- {note}\n"
+        for key, why in report["benchmark"].get("omitted", {}).items():
+            text += f"- not computed: {key} ({why})\n"
+        if report["benchmark"].get("notes") or report["benchmark"].get("omitted"):
+            text += "\n"
+    text += report_table(report) + "\n"
     images = images_table(report)
     if images:
         text += "\n## SIU images\n\nThe one training image each method fine-tuned on.\n\n"

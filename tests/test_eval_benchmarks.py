@@ -1,0 +1,164 @@
+"""`dsunlearn eval --benchmark {builtin,clear,mmubench}`: each benchmark's own protocol, run
+through the CLI as a user would (1 rank, a random tiny model, small fixtures)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dsunlearn.eval import protocols as P
+from dsunlearn.eval.judge import JUDGE_NAME
+from dsunlearn.eval.mia import concept_kl
+from dsunlearn.report import validate_report
+from tests.conftest import run_cli
+
+SMALL = ["max_items=6", "gen_max_new_tokens=4"]
+
+CLEAR_KEYS = {
+    "forget_name_mc_acc",
+    "retain_name_mc_acc",
+    "real_faces_acc",
+    "real_world_acc",
+    "forget_caption_rouge_l",
+    "retain_caption_rouge_l",
+    "forget_text_qa_rouge_l",
+    "retain_text_qa_rouge_l",
+}
+MMU_KEYS = {
+    "eff",
+    "gen",
+    "div",
+    "flu",
+    "jailbreak_leak_rate",
+    "jailbreak_multilingual_leak_rate",
+    "jailbreak_multi_hop_leak_rate",
+}
+BUILTIN_KEYS = {
+    "forget_vqa_acc",
+    "retain_vqa_acc",
+    "forget_heldout_vqa_acc",
+    "retain_heldout_vqa_acc",
+    "forget_text_qa_acc",
+    "retain_text_qa_acc",
+    "forget_gen_rouge_l",
+    "retain_gen_rouge_l",
+    "eff",
+    "gen",
+    "div",
+    "flu",
+    P.MIA_KEY,
+}
+
+
+@pytest.fixture(scope="module")
+def clear_dir(tmp_path_factory):
+    from dsunlearn.data.fixtures import write_clear_fixture
+
+    return write_clear_fixture(tmp_path_factory.mktemp("clear") / "clear", entities=6)
+
+
+@pytest.fixture(scope="module")
+def mmu_dir(tmp_path_factory):
+    from dsunlearn.data.fixtures import write_mmubench_fixture
+
+    return write_mmubench_fixture(tmp_path_factory.mktemp("mmu") / "mmu", concepts=2)
+
+
+def _eval(tmp_path, benchmark, model, data, *extra):
+    out = tmp_path / f"out-{benchmark}"
+    args = ["eval", "--benchmark", benchmark, "--model", str(model), "--data", str(data)]
+    proc = run_cli([*args, "--out", str(out), *extra, *SMALL], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert (out / "report.png").stat().st_size > 1000
+    assert report["world_size"] == 1 and report["benchmark"]["name"] == benchmark
+    return report, (out / "report.md").read_text()
+
+
+def _unit(value: float) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+def test_clear(tmp_path, clear_dir, random_vanilla):
+    report, md = _eval(
+        tmp_path, "clear", random_vanilla, clear_dir, "--vanilla", str(random_vanilla)
+    )
+    (row,) = report["methods"].values()
+    assert set(row) == CLEAR_KEYS and set(report["vanilla"]) == CLEAR_KEYS
+    assert all(_unit(v) for v in row.values()), row
+    assert row == report["vanilla"]  # the same model twice
+    assert report["benchmark"]["forget_pct"] == 10
+    assert "forget10_perturbed" in report["benchmark"]["configs"]
+    assert "Benchmark: clear" in md and "forget_name_mc_acc" in md
+
+
+def test_mmubench_with_vanilla(tmp_path, mmu_dir, random_vanilla):
+    report, md = _eval(
+        tmp_path, "mmubench", random_vanilla, mmu_dir, "--vanilla", str(random_vanilla)
+    )
+    (row,) = report["methods"].values()
+    assert set(row) == MMU_KEYS | {"mia_rouge_l_recall", "c_dis"}
+    assert set(report["vanilla"]) == MMU_KEYS
+    assert report["judge"] == JUDGE_NAME == report["benchmark"]["judge"]
+    assert f"jailbreak judge: {JUDGE_NAME}" in md
+    # The model is its own original: it reproduces its answers, and its concept tokens keep
+    # their probabilities.
+    assert row["mia_rouge_l_recall"] == pytest.approx(1.0)
+    assert row["c_dis"] == pytest.approx(0.0, abs=1e-6)
+    for key in MMU_KEYS - {"flu"}:
+        assert _unit(row[key]), (key, row[key])
+    assert row["flu"] >= 1.0
+
+
+def test_mmubench_without_vanilla_says_what_is_omitted(tmp_path, mmu_dir, random_vanilla):
+    report, md = _eval(tmp_path, "mmubench", random_vanilla, mmu_dir)
+    (row,) = report["methods"].values()
+    assert set(row) == MMU_KEYS and report["vanilla"] == {}
+    assert set(report["benchmark"]["omitted"]) == {"mia_rouge_l_recall", "c_dis"}
+    assert "not computed: c_dis" in md
+
+
+def test_builtin_adds_membership_inference(tmp_path, small_bench, random_vanilla):
+    report, _ = _eval(tmp_path, "builtin", random_vanilla, small_bench)
+    (row,) = report["methods"].values()
+    assert set(row) == BUILTIN_KEYS
+    assert _unit(row[P.MIA_KEY])
+    mia = report["benchmark"]["mia"]
+    assert mia["key"] == P.MIA_KEY and mia["members"] > 0 and mia["nonmembers"] > 0
+    assert "judge" not in report
+
+
+@pytest.mark.parametrize(
+    "benchmark, data, extra, message",
+    [
+        ("nope", "clear", [], "unknown benchmark 'nope'"),
+        ("clear", "mmu", [], "config folder not found"),
+        ("clear", "clear", ["--forget-pct", "15"], "CLEAR forget percentage must be one of"),
+        ("mmubench", "clear", [], "concepts: folder not found"),
+        ("builtin", "mmu", [], "split folder not found"),
+    ],
+)
+def test_errors(tmp_path, clear_dir, mmu_dir, random_vanilla, benchmark, data, extra, message):
+    folder = {"clear": clear_dir, "mmu": mmu_dir}[data]
+    args = ["eval", "--benchmark", benchmark, "--model", str(random_vanilla)]
+    proc = run_cli([*args, "--data", str(folder), "--out", str(tmp_path / "o"), *extra], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsunlearn: error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_c_dis_is_concept_kl_of_the_full_distributions():
+    g = torch.Generator().manual_seed(0)
+    ref, ev = torch.randn(2, 5, 40, generator=g), torch.randn(2, 5, 40, generator=g)
+    ids = [3, 7, 11]
+    coarse_ref = [P.coarse_logprobs(x, ids) for x in ref]
+    coarse_ev = [P.coarse_logprobs(x, ids) for x in ev]
+    expected = concept_kl(ref, ev, ids).mean().item()
+    assert P.c_dis(coarse_ref, coarse_ev) == pytest.approx(expected, rel=1e-5)
+    assert P.c_dis(coarse_ref, coarse_ref) == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(P.c_dis([], []))
