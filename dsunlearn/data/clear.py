@@ -33,14 +33,12 @@ that names the config and the column.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from dsunlearn.data.mllmu import (
@@ -48,9 +46,9 @@ from dsunlearn.data.mllmu import (
     _is_image,
     _is_list,
     _is_string,
-    _quiet,
     _short,
     looks_like_hub_id,
+    read_parquet_folder,
 )
 from dsunlearn.errors import DataError
 
@@ -245,25 +243,7 @@ def _read_local(folder: Path, kind: str) -> pa.Table:
             f"{folder}: config folder not found (a CLEAR folder holds one folder per config, "
             f"e.g. forget05/ with {PARQUET_NAME})"
         )
-    files = sorted(folder.rglob("*.parquet"))
-    if not files:
-        raise DataError(f"{folder}: no parquet file")
-    for f in files:
-        try:
-            file_schema = pq.read_schema(f)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{f}: unreadable parquet ({_short(e)})") from e
-        check_schema(file_schema, str(f), kind)
-
-    import datasets  # heavy import: only when actually loading
-
-    with _quiet(), tempfile.TemporaryDirectory(prefix="dsunlearn-parquet-") as cache:
-        try:
-            ds = datasets.Dataset.from_parquet(
-                [str(f) for f in files], keep_in_memory=True, cache_dir=cache
-            )
-        except Exception as e:  # datasets raises many types; all mean "cannot read this"
-            raise DataError(f"{folder}: cannot read parquet ({_short(e)})") from e
+    ds = read_parquet_folder(folder, lambda schema, f: check_schema(schema, str(f), kind))
     return _arrow(ds)
 
 

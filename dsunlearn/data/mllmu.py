@@ -14,7 +14,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,15 @@ def load_benchmark(path_or_hub_id: str, forget_pct: int = 10) -> Benchmark:
 
 def _read_local(folder: Path, train_split: bool) -> Any:
     """Check the parquet schema of one split folder, then load it through `datasets`."""
+    return read_parquet_folder(
+        folder, lambda schema, _file: _check_schema(schema, str(folder), train_split)
+    )
+
+
+def read_parquet_folder(folder: Path, check: Callable[[pa.Schema, Path], None]) -> Any:
+    """Every parquet file under `folder`: `check(schema, file)` each (one DataError line on a
+    wrong schema), then load them through `datasets`, in memory. Shared by the benchmark
+    loaders (MLLMU-Bench, CLEAR, MMUBench)."""
     files = sorted(folder.rglob("*.parquet"))
     if not files:
         raise DataError(f"{folder}: no parquet file")
@@ -261,7 +270,7 @@ def _read_local(folder: Path, train_split: bool) -> Any:
             schema = pq.read_schema(f)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{f}: unreadable parquet ({_short(e)})") from e
-        _check_schema(schema, str(folder), train_split)
+        check(schema, f)
 
     import datasets  # heavy import: only when actually loading
 
