@@ -60,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="evaluate a model folder on a benchmark, by the benchmark's own protocol",
         description="Score a model on a benchmark with that benchmark's own metrics "
-        "(dsunlearn/eval/protocols.py) and write report.json/md/png. builtin and mllmu: the "
-        "MLLMU-Bench layout (multiple choice, ROUGE-L, SIU's eff/gen/flu/div) plus min-k%% "
-        "membership inference; clear: CLEAR's name multiple choice, caption and text-QA "
-        "ROUGE-L, real_faces/real_world; mmubench: eff/gen/div/flu, MIA ROUGE-L recall, "
-        "jailbreak leak rate (rule judge), C-Dis (MIA and C-Dis need --vanilla).",
+        "(dsunlearn/eval/protocols.py, mllmu_protocol.py) and write report.json/md/png. "
+        "Every benchmark adds min-k%% membership inference. builtin: the demo's metrics "
+        "(multiple choice, ROUGE-L, SIU's eff/gen/flu/div); mllmu: MLLMU-Bench's letter "
+        "multiple choice (zero/few-shot), ROUGE-L, BLEU and cloze on the forget, test, retain "
+        "and celebrity sets, image and text questions; clear: CLEAR's name multiple choice, "
+        "caption and text-QA ROUGE-L, real_faces/real_world; mmubench: eff/gen/div/flu, "
+        "jailbreak leak rate (rule judge), MIA ROUGE-L recall and C-Dis (these two need "
+        "--vanilla).",
     )
     ev.add_argument(
         "--benchmark",

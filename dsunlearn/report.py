@@ -51,12 +51,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+# Beyond this many metrics (MLLMU-Bench's protocol has ~40) a row per model is unreadable:
+# the table turns to one row per metric, one column per model.
+MAX_METRIC_COLUMNS = 16
+
+
 def report_table(report: dict[str, Any]) -> str:
-    """A markdown table: one row per model (vanilla first), one column per metric."""
+    """A markdown table: one row per model (vanilla first), one column per metric; transposed
+    (one row per metric) past `MAX_METRIC_COLUMNS` metrics, without an empty vanilla column."""
     rows = {"vanilla": report["vanilla"], **report["methods"]}
     metrics: list[str] = []
     for m in rows.values():
         metrics += [k for k in m if k not in metrics]
+    if len(metrics) > MAX_METRIC_COLUMNS:
+        models = [name for name, m in rows.items() if m or name != "vanilla"]
+        lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for k in metrics:
+            lines.append(f"| {k} | " + " | ".join(_fmt(rows[n].get(k, "")) for n in models) + " |")
+        return "\n".join(lines)
     lines = [
         "| model | " + " | ".join(metrics) + " |",
         "|---|" + "---|" * len(metrics),

@@ -26,6 +26,7 @@ CLEAR_KEYS = {
     "retain_caption_rouge_l",
     "forget_text_qa_rouge_l",
     "retain_text_qa_rouge_l",
+    P.CLEAR_MIA_KEY,
 }
 MMU_KEYS = {
     "eff",
@@ -35,6 +36,7 @@ MMU_KEYS = {
     "jailbreak_leak_rate",
     "jailbreak_multilingual_leak_rate",
     "jailbreak_multi_hop_leak_rate",
+    P.MMU_MIA_KEY,
 }
 BUILTIN_KEYS = {
     "forget_vqa_acc",
@@ -94,6 +96,7 @@ def test_clear(tmp_path, clear_dir, random_vanilla):
     assert report["benchmark"]["forget_pct"] == 10
     assert "forget10_perturbed" in report["benchmark"]["configs"]
     assert "Benchmark: clear" in md and "forget_name_mc_acc" in md
+    _assert_mia(report, P.CLEAR_MIA_KEY)
 
 
 def test_mmubench_with_vanilla(tmp_path, mmu_dir, random_vanilla):
@@ -112,6 +115,7 @@ def test_mmubench_with_vanilla(tmp_path, mmu_dir, random_vanilla):
     for key in MMU_KEYS - {"flu"}:
         assert _unit(row[key]), (key, row[key])
     assert row["flu"] >= 1.0
+    _assert_mia(report, P.MMU_MIA_KEY)
 
 
 def test_mmubench_without_vanilla_says_what_is_omitted(tmp_path, mmu_dir, random_vanilla):
@@ -120,6 +124,15 @@ def test_mmubench_without_vanilla_says_what_is_omitted(tmp_path, mmu_dir, random
     assert set(row) == MMU_KEYS and report["vanilla"] == {}
     assert set(report["benchmark"]["omitted"]) == {"mia_rouge_l_recall", "c_dis"}
     assert "not computed: c_dis" in md
+    _assert_mia(report, P.MMU_MIA_KEY)
+
+
+def _assert_mia(report: dict, key: str) -> None:
+    (row,) = report["methods"].values()
+    assert _unit(row[key]), (key, row[key])
+    mia = report["benchmark"]["mia"]
+    assert mia["key"] == key and mia["k_pct"] == P.MINK_K
+    assert mia["members"] > 0 and mia["nonmembers"] > 0
 
 
 def test_builtin_adds_membership_inference(tmp_path, small_bench, random_vanilla):
@@ -130,6 +143,68 @@ def test_builtin_adds_membership_inference(tmp_path, small_bench, random_vanilla
     mia = report["benchmark"]["mia"]
     assert mia["key"] == P.MIA_KEY and mia["members"] > 0 and mia["nonmembers"] > 0
     assert "judge" not in report
+
+
+def _image_bytes(image) -> bytes:
+    return image.tobytes()
+
+
+def test_clear_mia_sets_pair_each_picture_with_true_and_perturbed_captions(clear_dir):
+    from dsunlearn.config import EvalConfig
+    from dsunlearn.data import clear
+
+    rows = clear.load_clear(str(clear_dir), "forget10_perturbed").captions
+    sets = P.clear_mia_sets(str(clear_dir), 10, EvalConfig(max_items=0))
+    assert rows and all(r.perturbed_captions for r in rows)
+    assert len(sets.members) == len(rows)
+    assert len(sets.nonmembers) == sum(len(r.perturbed_captions) for r in rows)
+    true = {r.caption for r in rows}
+    by_image = {_image_bytes(m.image): m for m in sets.members}
+    for m, r in zip(sets.members, rows, strict=True):
+        assert (m.question, m.answer, m.entity_id) == (P.CAPTION_PROMPT, r.caption, r.name)
+    for n in sets.nonmembers:
+        member = by_image[_image_bytes(n.image)]  # the same picture as a member
+        assert n.question == P.CAPTION_PROMPT and n.entity_id == member.entity_id
+        assert n.answer != member.answer and n.answer not in true
+    capped = P.clear_mia_sets(str(clear_dir), 10, EvalConfig(max_items=2))
+    assert len(capped.members) == len(capped.nonmembers) == 2
+
+
+def test_mmubench_mia_sets_ask_the_same_facts_about_train_and_test_images(mmu_dir):
+    from dsunlearn.config import EvalConfig
+    from dsunlearn.data.mmubench import load_mmubench
+
+    bench = load_mmubench(str(mmu_dir))
+    sets = P.mmubench_mia_sets(bench, EvalConfig(max_items=0))
+    assert all(c.facts for c in bench.concepts)
+    assert len(sets.members) == sum(len(c.facts) for c in bench.concepts)
+    assert len(sets.nonmembers) == sum(len(c.facts) * len(c.test_images) for c in bench.concepts)
+    concepts = {c.id: c for c in bench.concepts}
+    train = {c.id: _image_bytes(c.train_image) for c in bench.concepts}
+    for m in sets.members:
+        assert (m.question, m.answer) in concepts[m.entity_id].facts
+        assert _image_bytes(m.image) == train[m.entity_id]
+    member_text = {(m.entity_id, m.question, m.answer) for m in sets.members}
+    for n in sets.nonmembers:
+        assert (n.entity_id, n.question, n.answer) in member_text  # same text ...
+        tests = [_image_bytes(im) for im in concepts[n.entity_id].test_images]
+        assert _image_bytes(n.image) in tests  # ... about a never-trained picture
+    capped = P.mmubench_mia_sets(bench, EvalConfig(max_items=3))
+    assert len(capped.members) == len(capped.nonmembers) == 3
+
+
+def test_mmubench_mia_sets_empty_without_facts(mmu_dir):
+    from dataclasses import replace
+
+    from dsunlearn.config import EvalConfig
+    from dsunlearn.data.mmubench import load_mmubench
+
+    bench = load_mmubench(str(mmu_dir))
+    bare = replace(bench, concepts=[replace(c, facts=[]) for c in bench.concepts])
+    sets = P.mmubench_mia_sets(bare, EvalConfig(max_items=0))
+    assert sets.members == [] and sets.nonmembers == []
+    # Nothing to compare: no metric (the report lists it under `omitted`), and no model call.
+    assert P.mia_mink_auc(None, None, sets, EvalConfig(), None, P.MMU_MIA_KEY) == {}
 
 
 @pytest.mark.parametrize(

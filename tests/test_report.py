@@ -34,6 +34,19 @@ def test_table_rows_in_order():
     assert lines[2].startswith("| vanilla |") and lines[3].startswith("| ga |")
 
 
+def test_many_metrics_transpose_the_table():
+    from dsunlearn.report import MAX_METRIC_COLUMNS
+
+    n = MAX_METRIC_COLUMNS + 1
+    r = {**_report(), "vanilla": {}, "methods": {"ga": {f"m{i}": i / n for i in range(n)}}}
+    lines = report_table(r).splitlines()
+    assert lines[0] == "| metric | ga |"  # the empty vanilla column is left out
+    assert len(lines) == 2 + n and lines[3] == f"| m1 | {1 / n:.3f} |"
+    r["vanilla"] = {"m0": 0.5}
+    assert report_table(r).splitlines()[0] == "| metric | vanilla | ga |"
+    assert report_table(r).splitlines()[3] == f"| m1 |  | {1 / n:.3f} |"
+
+
 @pytest.mark.parametrize("drop", ["vanilla", "methods", "chance", "world_size", "elapsed_s"])
 def test_validate_rejects_missing_keys(drop):
     r = _report()

@@ -103,22 +103,31 @@ def mc_text_examples(records: Iterable[EntityRecord]) -> list[MCExample]:
     ]
 
 
-def gen_vqa_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
-    """Image_Textual generation items, asked about the record's first image."""
+def gen_examples(records: Iterable[EntityRecord], task_type: str) -> list[GenExample]:
+    """Generation_Task items of one type; Image_Textual ones about the record's first image."""
     return [
-        GenExample(g.question, g.ground_truth, r.images[0], r.id)
+        GenExample(g.question, g.ground_truth, r.images[0] if g.type == TYPE_IMAGE else None, r.id)
         for r in records
         for g in r.gen
-        if g.type == TYPE_IMAGE
+        if g.type == task_type
     ]
 
 
-def cloze_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
-    """Mask_Task items; Image_Textual ones come with the record's first image."""
+def gen_vqa_examples(records: Iterable[EntityRecord]) -> list[GenExample]:
+    """Image_Textual generation items, asked about the record's first image."""
+    return gen_examples(records, TYPE_IMAGE)
+
+
+def cloze_examples(
+    records: Iterable[EntityRecord], task_type: str | None = None
+) -> list[GenExample]:
+    """Mask_Task items (of `task_type` only, if given); Image_Textual ones come with the
+    record's first image."""
     return [
         GenExample(c.question, c.ground_truth, r.images[0] if c.type == TYPE_IMAGE else None, r.id)
         for r in records
         for c in r.cloze
+        if task_type is None or c.type == task_type
     ]
 
 

@@ -13,6 +13,7 @@ also writes `fixture.json` (arguments, people, splits), which the loaders ignore
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,4 +361,29 @@ def write_mmubench_fixture(
             "concepts": {p.id: {"name": p.name, "identity": p.identity.as_dict()} for p in people},
         }
         (tmp / "fixture.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MLLMU-Bench Retain_Set (celebrities)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_mllmu_celebrities(bench_dir: str | Path, people: int = 3, seed: int = 1) -> Path:
+    """Add a `Retain_Set/` of `people` "celebrities" (ids C001...) to an MLLMU-Bench-layout
+    folder, in the published shape: one `image`, no `images`, no training VQA. They are
+    fictitious people of another built-in world (`seed`), which no tiny model has learned: the
+    built-in benchmark has no real people, so this only exercises the celebrity protocol."""
+    from dsunlearn.data.builtin import build_benchmark
+    from dsunlearn.data.mllmu import CELEBRITY_DIR, PARQUET_NAME, TEST_DIR
+
+    out = Path(bench_dir) / CELEBRITY_DIR
+    with tempfile.TemporaryDirectory() as scratch:
+        src = build_benchmark(Path(scratch) / "world", seed=seed, entities=people + 1)
+        table = pq.read_table(src / TEST_DIR).slice(0, people)
+    ids = pa.array([f"C{i + 1:03d}" for i in range(people)])
+    table = table.set_column(table.schema.get_field_index("ID"), "ID", ids)
+    table = table.drop_columns(["images", "metadata"])
+    with atomic_dir(out) as tmp:
+        pq.write_table(table, tmp / PARQUET_NAME)
     return out

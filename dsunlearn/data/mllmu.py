@@ -1,9 +1,10 @@
 """MLLMU-Bench's layout and schema, and the one loader for it (built-in or real, local or hub).
 
-Layout: `forget_{pct}/`, `retain_{100-pct}/`, `Full_Set/` and `Test_Set/`, each holding parquet
-files with one row per person. The built-in generator writes exactly `SCHEMA`; the loader also
-accepts the variations the published dataset may use (nested task columns stored as JSON strings,
-no `images` column outside Test_Set, several parquet shards, no "Name" in the biography).
+Layout: `forget_{pct}/`, `retain_{100-pct}/`, `Full_Set/`, `Test_Set/` and (real benchmark only)
+`Retain_Set/` (celebrities), each holding parquet files with one row per person. The built-in
+generator writes exactly `SCHEMA`; the loader also accepts the variations the published dataset
+may use (nested task columns stored as JSON strings, no `images` column outside Test_Set,
+several parquet shards, no "Name" in the biography).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dsunlearn.errors import DataError
 
 FULL_DIR = "Full_Set"
 TEST_DIR = "Test_Set"
+CELEBRITY_DIR = "Retain_Set"  # real celebrities: known before fine-tuning, must be kept
 PARQUET_NAME = "train-00000-of-00001.parquet"  # the hub's name for a single-shard split
 MC_LETTERS = ("A", "B", "C", "D")
 TYPE_IMAGE = "Image_Textual"
@@ -249,6 +251,22 @@ def load_benchmark(path_or_hub_id: str, forget_pct: int = 10) -> Benchmark:
         source=str(path_or_hub_id),
         forget_pct=forget_pct,
     )
+
+
+def load_celebrities(path_or_hub_id: str) -> list[EntityRecord]:
+    """The celebrity people of MLLMU-Bench's `Retain_Set/` (schema of Test_Set: no training
+    VQA needed). A local folder without `Retain_Set/` gives []: the built-in benchmark has no
+    real people, so callers report the celebrity metrics as omitted. Other problems (a broken
+    parquet, a hub id that cannot be loaded) are one-line `DataError`s."""
+    where = f"{path_or_hub_id.rstrip('/')}/{CELEBRITY_DIR}"
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        if not (path / CELEBRITY_DIR).is_dir():
+            return []
+        return _records(_read_local(path / CELEBRITY_DIR, False), where)
+    if looks_like_hub_id(path_or_hub_id):
+        return _records(_read_hub(path_or_hub_id, CELEBRITY_DIR, False), where)
+    raise DataError(f"data path not found: {path_or_hub_id}")
 
 
 def _read_local(folder: Path, train_split: bool) -> Any:

@@ -3,8 +3,8 @@
 Every function that touches a model must be called by all ranks together (the items are
 sharded over ranks as in `scoring.py`, so it works on ZeRO-3 sharded weights).
 
-- ``builtin`` / ``mllmu`` (MLLMU-Bench layout): the metric suite of `evaluate.evaluate`
-  unchanged, plus loss-based membership inference `mia_mink20_auc_forget_vs_heldout`: the ROC AUC
+- ``builtin`` (the demo's benchmark): the metric suite of `evaluate.evaluate` unchanged;
+  ``mllmu``: MLLMU-Bench's own protocol (`mllmu_protocol.py`). Both add loss-based membership inference `mia_mink20_auc_forget_vs_heldout`: the ROC AUC
   of min-k% (k = 20) token log-probability telling *members* (the forget people's training VQA
   pairs, `metadata`, on their training images) from *non-members* (the same pairs on the same
   people's held-out Test_Set images, which no model was trained on). The answer text is the same
@@ -16,7 +16,12 @@ sharded over ranks as in `scoring.py`, so it works on ZeRO-3 sharded weights).
   `retain_caption_rouge_l` (greedy caption of `forgetXX` / `retainXX` pictures vs the caption),
   `forget_text_qa_rouge_l` / `retain_text_qa_rouge_l` (TOFU text QA rows of the `+tofu` configs),
   `real_faces_acc` and `real_world_acc` (multiple choice). Multiple choice is scored by mean
-  token log-likelihood (chance 0.25 with four options).
+  token log-likelihood (chance 0.25 with four options). Membership inference
+  `mia_mink20_auc_caption_vs_perturbed`: min-k% (k = 20) ROC AUC telling *members* (each
+  `forgetXX_perturbed` picture with its true caption, which unlearning trains on) from
+  *non-members* (the same picture with each of its `perturbed_captions`: same style, same person,
+  never in any training set). CLEAR has no never-seen pictures of the forget people, so the
+  text is what differs here; 0.5 = the true caption no longer stands out.
 - ``mmubench`` (SIU's MMUBench layout, `data/mmubench.py`; every concept of the folder is a
   forget concept): `eff`, `gen`, `div`, `flu` (the SIU metric code of the built-in suite, on each
   concept's probing prompts with its training image and its test images), `mia_rouge_l_recall`
@@ -25,7 +30,11 @@ sharded over ranks as in `scoring.py`, so it works on ZeRO-3 sharded weights).
   `jailbreak_multi_hop_leak_rate` (the rule judge `judge.JUDGE_NAME`: name, aliases or the
   prompt's `reveals`), and `c_dis` (`mia.concept_kl` between the original and the evaluated
   model's next-token distributions, coarsened to the concept's name/alias tokens, averaged over
-  the answer positions of the original model's probe answers: needs `--vanilla`).
+  the answer positions of the original model's probe answers: needs `--vanilla`), and
+  `mia_mink20_auc_train_vs_test_image` (min-k% (k = 20) ROC AUC, members = each concept's
+  `facts` pairs asked about its training image, non-members = the same pairs about its test
+  images: same text, only whether the picture was trained on differs; omitted when no concept
+  has facts).
 """
 
 from __future__ import annotations
@@ -61,7 +70,9 @@ from dsunlearn.models.encode import IGNORE_INDEX, encode_for_loss, logits_of
 
 BENCHMARKS = ("builtin", "mllmu", "clear", "mmubench")
 MINK_K = 20.0
-MIA_KEY = "mia_mink20_auc_forget_vs_heldout"
+MIA_KEY = "mia_mink20_auc_forget_vs_heldout"  # builtin / mllmu
+CLEAR_MIA_KEY = "mia_mink20_auc_caption_vs_perturbed"
+MMU_MIA_KEY = "mia_mink20_auc_train_vs_test_image"
 
 # CLEAR prompts (the dataset has captions and names but no question for them).
 NAME_PROMPT = "The name of the person on the image is"
@@ -148,6 +159,16 @@ class MiaSets:
     nonmembers: list[QAExample]
 
 
+def _capped(
+    members: list[QAExample], nonmembers: list[QAExample], cfg: EvalConfig, seed: int
+) -> MiaSets:
+    """Each side capped at `cfg.max_items`, by its own seed."""
+    return MiaSets(
+        members=subsample(members, cfg.max_items, seed),
+        nonmembers=subsample(nonmembers, cfg.max_items, seed + 1),
+    )
+
+
 def mllmu_mia_sets(bench: Benchmark, cfg: EvalConfig, seed: int = 0) -> MiaSets:
     """Members: each forget person's training VQA pairs on each training image; non-members:
     the same pairs on each of that person's held-out Test_Set images (never trained on)."""
@@ -157,16 +178,43 @@ def mllmu_mia_sets(bench: Benchmark, cfg: EvalConfig, seed: int = 0) -> MiaSets:
         for q, a in r.metadata:
             members += [QAExample(q, a, im, r.id) for im in r.images]
             nonmembers += [QAExample(q, a, im, r.id) for im in heldout.get(r.id, [])]
-    return MiaSets(
-        members=subsample(members, cfg.max_items, seed),
-        nonmembers=subsample(nonmembers, cfg.max_items, seed + 1),
-    )
+    return _capped(members, nonmembers, cfg, seed)
+
+
+def clear_mia_sets(path: str, forget_pct: int, cfg: EvalConfig, seed: int = 0) -> MiaSets:
+    """Members: each `forgetXX_perturbed` picture with its true caption (the one unlearning
+    trains on); non-members: the same picture with each of its `perturbed_captions` (never
+    trained on, same style and person). Only the text differs: CLEAR has no held-out pictures
+    of the forget people."""
+    config = clear_data.forget_config(forget_pct) + "_perturbed"
+    members, nonmembers = [], []
+    for r in clear_data.load_clear(path, config).captions:
+        entity = r.name or ""
+        members.append(QAExample(CAPTION_PROMPT, r.caption, r.image, entity))
+        nonmembers += [QAExample(CAPTION_PROMPT, c, r.image, entity) for c in r.perturbed_captions]
+    return _capped(members, nonmembers, cfg, seed)
+
+
+def mmubench_mia_sets(bench: MMUBench, cfg: EvalConfig, seed: int = 0) -> MiaSets:
+    """Members: each concept's `facts` pairs about its training image; non-members: the same
+    pairs about each of its test images (never trained on). Only the picture differs."""
+    members, nonmembers = [], []
+    for c in bench.concepts:
+        for q, a in c.facts:
+            members.append(QAExample(q, a, c.train_image, c.id))
+            nonmembers += [QAExample(q, a, im, c.id) for im in c.test_images]
+    return _capped(members, nonmembers, cfg, seed)
 
 
 def mia_mink_auc(
-    model: Any, processor: Any, sets: MiaSets, cfg: EvalConfig, info: DistInfo
+    model: Any,
+    processor: Any,
+    sets: MiaSets,
+    cfg: EvalConfig,
+    info: DistInfo,
+    key: str = MIA_KEY,
 ) -> dict[str, float]:
-    """{MIA_KEY: AUC}; {} when either side is empty (no Test_Set images of forget people)."""
+    """{key: AUC}; {} when either side is empty (e.g. no Test_Set images of forget people)."""
     if not sets.members or not sets.nonmembers:
         return {}
     was_training = model.training
@@ -177,7 +225,7 @@ def mia_mink_auc(
         neg = min_k_scores(model, processor, sets.nonmembers, per_rank, info)
     finally:
         model.train(was_training)
-    return {MIA_KEY: auc(pos, neg)}
+    return {key: auc(pos, neg)}
 
 
 # ---------------------------------------------------------------------------------------------
