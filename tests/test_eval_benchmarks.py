@@ -237,3 +237,25 @@ def test_c_dis_is_concept_kl_of_the_full_distributions():
     assert P.c_dis(coarse_ref, coarse_ev) == pytest.approx(expected, rel=1e-5)
     assert P.c_dis(coarse_ref, coarse_ref) == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(P.c_dis([], []))
+
+
+@pytest.mark.slow
+def test_mmubench_two_ranks_give_the_one_rank_numbers(tmp_path, mmu_dir, random_vanilla):
+    """Generation, C-Dis's teacher-forced rows and min-k% scores are sharded over ranks and
+    gathered back: 2 ranks on ZeRO-3 must reproduce the 1-rank report."""
+    from tests.conftest import run_deepspeed
+
+    one, _ = _eval(tmp_path, "mmubench", random_vanilla, mmu_dir, "--vanilla", str(random_vanilla))
+    out = tmp_path / "two"
+    args = ["eval", "--benchmark", "mmubench", "--model", str(random_vanilla), "--data"]
+    args += [str(mmu_dir), "--vanilla", str(random_vanilla), "--out", str(out), *SMALL]
+    proc = run_deepspeed(2, args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    two = json.loads((out / "report.json").read_text())
+    assert two["world_size"] == 2
+    for row in ("vanilla", "methods"):
+        a = one[row] if row == "vanilla" else next(iter(one[row].values()))
+        b = two[row] if row == "vanilla" else next(iter(two[row].values()))
+        assert set(a) == set(b) and P.MMU_MIA_KEY in a
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (row, k)
