@@ -148,6 +148,9 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         metrics += [k for k in m if k not in metrics and isinstance(m[k], (int, float))]
     wide = [k for k in metrics if _is_unbounded(k, [m.get(k) for m in rows.values()])]
     unit = [k for k in metrics if k not in wide]
+    if len(metrics) > MAX_METRIC_COLUMNS:
+        _plot_many(report, rows, unit, wide, path)
+        return
     width = 0.8 / max(1, len(rows))
     panels = [unit] + ([wide] if wide else [])
     ratios = [max(1, len(p)) for p in panels]
@@ -194,6 +197,56 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plot_many(
+    report: dict[str, Any],
+    rows: dict[str, dict[str, Any]],
+    unit: list[str],
+    wide: list[str],
+    path: Path,
+) -> None:
+    """Past `MAX_METRIC_COLUMNS` metrics: horizontal bars, one metric per line (top to bottom in
+    report order), so that the figure grows in height and every name stays readable. Unbounded
+    metrics get a log-scaled panel below; an empty vanilla row is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {n: m for n, m in rows.items() if m or n != "vanilla"}
+    panels = [(unit, False)] + ([(wide, True)] if wide else [])
+    height = 0.22 * len(rows)
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(8.0, 1.2 + sum(max(1, len(p)) * max(0.3, height) for p, _ in panels)),
+        gridspec_kw={"height_ratios": [max(1, len(p)) for p, _ in panels]},
+        squeeze=False,
+    )
+    bar = 0.8 / max(1, len(rows))
+    for ax, (names, log) in zip(axes[:, 0], panels, strict=True):
+        for i, (label, m) in enumerate(rows.items()):
+            ys = [j + i * bar for j in range(len(names))]
+            xs = [m.get(k, math.nan) for k in names]
+            xs = [x if isinstance(x, (int, float)) and math.isfinite(x) else math.nan for x in xs]
+            ax.barh(ys, xs, height=bar, color=f"C{i}", label=label)
+        ax.set_yticks([j + 0.4 - bar / 2 for j in range(len(names))])
+        ax.set_yticklabels(names, fontsize=7)
+        ax.set_ylim(len(names) - 0.1, -bar / 2 - 0.1)  # first metric on top, no margins
+        ax.grid(axis="x", alpha=0.3)
+        if log:
+            ax.set_xscale("log")
+            ax.set_xlabel("value (log)", fontsize=8)
+        else:
+            ax.axvline(report["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.set_xlim(0, 1.05)
+            ax.set_xlabel("score", fontsize=8)
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

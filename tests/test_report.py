@@ -128,3 +128,17 @@ def test_validate_rejects_bad_method_info(info):
     r["method_info"] = info
     with pytest.raises(ValueError, match="method_info"):
         validate_report(r)
+
+
+def test_many_metrics_plot_one_line_per_metric(tmp_path):
+    """Past MAX_METRIC_COLUMNS the figure grows in height (horizontal bars), not in width."""
+    from PIL import Image
+
+    from dsunlearn.report import MAX_METRIC_COLUMNS
+
+    n = 3 * MAX_METRIC_COLUMNS
+    metrics = {f"metric_{i}": i / n for i in range(n)}
+    r = {**_report(), "vanilla": {}, "methods": {"ga": {**metrics, "flu": 3.0}}}
+    write_report(tmp_path / "run", r)
+    width, height = Image.open(tmp_path / "run" / "report.png").size
+    assert height > 2 * width
