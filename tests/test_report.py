@@ -141,4 +141,4 @@ def test_many_metrics_plot_one_line_per_metric(tmp_path):
     r = {**_report(), "vanilla": {}, "methods": {"ga": {**metrics, "flu": 3.0}}}
     write_report(tmp_path / "run", r)
     width, height = Image.open(tmp_path / "run" / "report.png").size
-    assert height > 2 * width
+    assert height > 1.5 * width  # a 48-column strip would be ~7x wider than high
