@@ -297,34 +297,10 @@ def _llava_processor() -> LlavaProcessor:
 
 def _llava_config(processor: ProcessorMixin) -> LlavaConfig:
     tok = processor.tokenizer
-    vision = CLIPVisionConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=processor.patch_size,
-        attention_dropout=0.0,
-        projection_dim=128,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        attention_dropout=0.0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
     n_patches = (IMAGE_SIZE // processor.patch_size) ** 2
     return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=_tiny_clip(IMAGE_SIZE, processor.patch_size),
+        text_config=_tiny_llama(tok),
         image_token_index=tok.convert_tokens_to_ids(IMAGE),  # default 32000 is out of range
         image_seq_length=n_patches,
         vision_feature_layer=-1,  # -2 would leave the tiny tower's last layer without gradients
@@ -402,8 +378,22 @@ def _qwen_config(processor: ProcessorMixin) -> Qwen2VLConfig:
     )
 
 
+def _tiny_clip(image_size: int, patch_size: int) -> CLIPVisionConfig:
+    """The 3-layer, 128-wide CLIP tower of tiny-llava and tiny-llava-next."""
+    return CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        attention_dropout=0.0,
+        projection_dim=128,
+    )
+
+
 def _tiny_llama(tok: PreTrainedTokenizerFast) -> LlamaConfig:
-    """The 4-layer, 256-wide Llama decoder of tiny-llava-next and tiny-idefics3."""
+    """The 4-layer, 256-wide Llama decoder of tiny-llava, tiny-llava-next and tiny-idefics3."""
     return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=256,
@@ -446,19 +436,9 @@ def _llava_next_processor() -> LlavaNextProcessor:
 
 def _llava_next_config(processor: ProcessorMixin) -> LlavaNextConfig:
     tok = processor.tokenizer
-    vision = CLIPVisionConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=LLAVA_NEXT_CROP,
-        patch_size=LLAVA_NEXT_PATCH,
-        attention_dropout=0.0,
-        projection_dim=128,
-    )
     side = LLAVA_NEXT_CROP // LLAVA_NEXT_PATCH  # 4 patches a side per view
     return LlavaNextConfig(
-        vision_config=vision,
+        vision_config=_tiny_clip(LLAVA_NEXT_CROP, LLAVA_NEXT_PATCH),
         text_config=_tiny_llama(tok),
         image_token_index=tok.convert_tokens_to_ids(IMAGE),  # default 32000 is out of range
         image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
