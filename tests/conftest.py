@@ -42,6 +42,15 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def unlearn_args(out: Path, bench: Path, vanilla: Path, *extra: str, name: str | None = None):
+    """`dsunlearn unlearn` arguments on the demo config, redirected to a test's benchmark,
+    vanilla model, output folder and the CPU DeepSpeed config; `extra` overrides follow."""
+    args = ["unlearn", "--config", str(REPO / "configs" / "demo.yaml")]
+    args += [f"out_dir={out}", f"data.path={bench}", f"vanilla={vanilla}"]
+    args += [f"deepspeed={DS_CONFIG}", *([f"name={name}"] if name else [])]
+    return [*args, *extra]
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str):
     """`python -m dsunlearn ARGS` in a fresh process, as a user would run it."""
     return subprocess.run(

@@ -8,26 +8,13 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import DS_CONFIG, REPO, run_cli
+from tests.conftest import run_cli, unlearn_args
 
 
 def _error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsunlearn: error:")]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
-
-
-def _unlearn_args(tmp_path, bench, vanilla, *extra: str) -> list[str]:
-    return [
-        "unlearn",
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        f"out_dir={tmp_path}",
-        f"data.path={bench}",
-        f"vanilla={vanilla}",
-        f"deepspeed={DS_CONFIG}",
-        *extra,
-    ]
 
 
 def test_data_build_and_help(tmp_path):
@@ -46,7 +33,7 @@ def test_data_build_and_help(tmp_path):
     ],
 )
 def test_unlearn_config_errors(tmp_path, small_bench, random_vanilla, extra, message):
-    proc = run_cli(_unlearn_args(tmp_path, small_bench, random_vanilla, *extra), tmp_path)
+    proc = run_cli(unlearn_args(tmp_path, small_bench, random_vanilla, *extra), tmp_path)
     assert proc.returncode == 2
     assert message in _error_line(proc)
 
@@ -68,7 +55,7 @@ def test_wrong_parquet_schema(tmp_path, small_bench, random_vanilla):
     shutil.copytree(small_bench, bad)
     f = next((bad / "forget_10").glob("*.parquet"))
     pq.write_table(pq.read_table(f).drop_columns(["metadata"]), f)
-    proc = run_cli(_unlearn_args(tmp_path, bad, random_vanilla), tmp_path)
+    proc = run_cli(unlearn_args(tmp_path, bad, random_vanilla), tmp_path)
     assert proc.returncode == 2
     line = _error_line(proc)
     assert "forget_10" in line and "'metadata'" in line
@@ -86,7 +73,7 @@ def test_unknown_model(tmp_path, small_bench):
 
 def test_missing_vanilla(tmp_path, small_bench):
     proc = run_cli(
-        _unlearn_args(tmp_path, small_bench, "null"), tmp_path, DSUNLEARN_CACHE=str(tmp_path)
+        unlearn_args(tmp_path, small_bench, "null"), tmp_path, DSUNLEARN_CACHE=str(tmp_path)
     )
     assert proc.returncode == 2
     assert "no learned vanilla model" in _error_line(proc)
@@ -98,7 +85,7 @@ def test_nan_loss_stops_and_keeps_previous_report(tmp_path, small_bench, random_
     old = {"vanilla": {}, "methods": {}, "chance": 0.25, "world_size": 1, "elapsed_s": 1.0}
     (run_dir / "report.json").write_text(json.dumps(old))
     proc = run_cli(
-        _unlearn_args(
+        unlearn_args(
             tmp_path,
             small_bench,
             random_vanilla,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DS_CONFIG, REPO, cli_env, run_cli, run_deepspeed
+from tests.conftest import REPO, cli_env, run_cli, run_deepspeed, unlearn_args
 
 TOL = 1e-5
 
@@ -156,22 +156,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _unlearn_args(out: Path, bench: Path, vanilla: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "unlearn",
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        f"name={name}",
-        f"out_dir={out}",
-        f"data.path={bench}",
-        f"vanilla={vanilla}",
-        f"deepspeed={DS_CONFIG}",
-        "methods=[ga]",
-        "optim.steps=2",
-        "optim.batch_size=4",
-        "eval.enabled=false",
-        "checkpoint.final=true",
-        *extra,
-    ]
+    fixed = ["methods=[ga]", "optim.steps=2", "optim.batch_size=4", "eval.enabled=false"]
+    return unlearn_args(out, bench, vanilla, *fixed, "checkpoint.final=true", *extra, name=name)
 
 
 @pytest.fixture(scope="module")

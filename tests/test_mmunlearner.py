@@ -20,7 +20,7 @@ from dsunlearn.models.lora import apply_lora
 from dsunlearn.saliency.compute import check_filter_admits, mask_filter, own_param_name
 from dsunlearn.saliency.store import load_mask, save_mask
 from kernels.mask_apply import unpack_mask
-from tests.conftest import DS_CONFIG, REPO, run_cli, run_deepspeed, save_random_tiny
+from tests.conftest import DS_CONFIG, REPO, run_cli, run_deepspeed, save_random_tiny, unlearn_args
 
 
 def test_paper_schedule_and_decay_moved_out_of_the_optimizer():
@@ -111,15 +111,10 @@ def test_mask_filter_judges_lora_adapters_as_the_linear_they_adapt():
 
 
 def _unlearn(tmp_path, bench, vanilla, name: str, *extra: str) -> list[str]:
-    return [
-        "unlearn",
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        f"name={name}",
-        f"out_dir={tmp_path}",
-        f"data.path={bench}",
-        f"vanilla={vanilla}",
-        f"deepspeed={DS_CONFIG}",
+    return unlearn_args(
+        tmp_path,
+        bench,
+        vanilla,
         "methods=[mmunlearner]",
         "optim.steps=2",
         "optim.batch_size=4",
@@ -127,7 +122,8 @@ def _unlearn(tmp_path, bench, vanilla, name: str, *extra: str) -> list[str]:
         "method.mmu_mask.mode=topk",  # a random model's ratio mask can be empty
         "eval.enabled=false",
         *extra,
-    ]
+        name=name,
+    )
 
 
 def test_cli_errors(tmp_path, small_bench, random_vanilla):

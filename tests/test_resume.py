@@ -22,22 +22,17 @@ import torch
 
 from dsunlearn.engine.preempt import PREEMPTED_EXIT
 from dsunlearn.recipes.demo import deepspeed_launch_cmd
-from tests.conftest import DS_CONFIG, REPO, cli_env, run_cli, run_deepspeed
+from tests.conftest import REPO, cli_env, run_cli, run_deepspeed, unlearn_args
 
 STEPS = 6
 pytestmark = pytest.mark.slow
 
 
 def _args(out: Path, bench: Path, vanilla: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "unlearn",
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        f"name={name}",
-        f"out_dir={out}",
-        f"data.path={bench}",
-        f"vanilla={vanilla}",
-        f"deepspeed={DS_CONFIG}",
+    return unlearn_args(
+        out,
+        bench,
+        vanilla,
         "methods=[mmunlearner]",
         f"optim.steps={STEPS}",
         "optim.batch_size=4",
@@ -48,7 +43,8 @@ def _args(out: Path, bench: Path, vanilla: Path, name: str, *extra: str) -> list
         "eval.enabled=false",
         "checkpoint.final=true",
         *extra,
-    ]
+        name=name,
+    )
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
