@@ -4,12 +4,13 @@ Every function that touches a model must be called by all ranks together (the it
 sharded over ranks as in `scoring.py`, so it works on ZeRO-3 sharded weights).
 
 - ``builtin`` (the demo's benchmark): the metric suite of `evaluate.evaluate` unchanged;
-  ``mllmu``: MLLMU-Bench's own protocol (`mllmu_protocol.py`). Both add loss-based membership inference `mia_mink20_auc_forget_vs_heldout`: the ROC AUC
-  of min-k% (k = 20) token log-probability telling *members* (the forget people's training VQA
-  pairs, `metadata`, on their training images) from *non-members* (the same pairs on the same
-  people's held-out Test_Set images, which no model was trained on). The answer text is the same
-  on both sides: only whether the picture was seen differs, which is what visual unlearning is
-  about. 0.5 = the training pictures no longer stand out.
+  ``mllmu``: MLLMU-Bench's own protocol (`mllmu_protocol.py`). Both add loss-based membership
+  inference `mia_mink20_auc_forget_vs_heldout`: the ROC AUC of min-k% (k = 20) token
+  log-probability telling *members* (the forget people's training VQA pairs, `metadata`, on
+  their training images) from *non-members* (the same pairs on the same people's held-out
+  Test_Set images, which no model was trained on). The answer text is the same on both sides:
+  only whether the picture was seen differs, which is what visual unlearning is about. 0.5 = the
+  training pictures no longer stand out.
 - ``clear`` (CLEAR, hub `therem/CLEAR`), forget percentage `--forget-pct` (1, 5 or 10):
   `forget_name_mc_acc` / `retain_name_mc_acc` (the person's name among its `perturbed_names`,
   on `forgetXX_perturbed` / `retain_perturbed`), `forget_caption_rouge_l` /

@@ -113,12 +113,7 @@ def _eval_builtin(engine_of, model_dir, vanilla_dir, data, cfg, info: DistInfo, 
     metrics.update(P.mia_mink_auc(engine.module, processor, mia_sets, cfg, info))
     facts = {
         "forget_pct": data.forget_pct,
-        "mia": {
-            "key": P.MIA_KEY,
-            "k_pct": P.MINK_K,
-            "members": len(mia_sets.members),
-            "nonmembers": len(mia_sets.nonmembers),
-        },
+        "mia": _mia_facts(P.MIA_KEY, mia_sets),
         "notes": [MIA_NOTE],
     }
     return vanilla_metrics, metrics, facts
@@ -145,12 +140,7 @@ def _eval_mllmu(engine_of, model_dir, vanilla_dir, data, cfg, info: DistInfo, ze
         "forget_pct": data.forget_pct,
         "items": counts,
         "shots": M.SHOTS,
-        "mia": {
-            "key": P.MIA_KEY,
-            "k_pct": P.MINK_K,
-            "members": len(mia_sets.members),
-            "nonmembers": len(mia_sets.nonmembers),
-        },
+        "mia": _mia_facts(P.MIA_KEY, mia_sets),
         "omitted": sets.omitted,
         "notes": [
             "sets: forget, test (forget people's Test_Set pictures), retain, celebrity "
