@@ -378,17 +378,20 @@ def _qwen_config(processor: ProcessorMixin) -> Qwen2VLConfig:
     )
 
 
+# The vision tower size of every ViT-style tiny family (CLIP for the LLaVAs, SigLIP for Idefics3).
+_TINY_TOWER: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "attention_dropout": 0.0,
+}
+
+
 def _tiny_clip(image_size: int, patch_size: int) -> CLIPVisionConfig:
     """The 3-layer, 128-wide CLIP tower of tiny-llava and tiny-llava-next."""
     return CLIPVisionConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        attention_dropout=0.0,
-        projection_dim=128,
+        **_TINY_TOWER, image_size=image_size, patch_size=patch_size, projection_dim=128
     )
 
 
@@ -475,13 +478,7 @@ def _idefics3_processor() -> Idefics3Processor:
 def _idefics3_config(processor: ProcessorMixin) -> Idefics3Config:
     tok = processor.tokenizer
     vision = Idefics3VisionConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=IDEFICS3_TILE,
-        patch_size=IDEFICS3_PATCH,
-        attention_dropout=0.0,
+        **_TINY_TOWER, image_size=IDEFICS3_TILE, patch_size=IDEFICS3_PATCH
     )
     return Idefics3Config(
         vision_config=vision,
