@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mmu_quality import METRICS, targets
+from mmu_quality import METRICS, row
 from quality import mean_std
-from quality_runs import machine, run_unlearn, write_result
+from quality_runs import run_unlearn, write_result
 
 # (label, overrides); the first is the demo's setting.
 VARIANTS: list[tuple[str, list[str]]] = [
@@ -59,17 +59,9 @@ def main() -> None:
                 cli = ["--config", "configs/demo.yaml", "methods=[mmunlearner]"]
                 cli += [f"data.seed={seed}", f"seed={seed}", *overrides]
                 report, wall_s = run_unlearn(args.ranks, cli, Path(tmp), f"v{k}s{seed}")
-                m = report["methods"]["mmunlearner"]
                 runs.append(
-                    {
-                        "setting": label,
-                        "seed": seed,
-                        "overrides": overrides,
-                        "wall_s": wall_s,
-                        "metrics": {key: m[key] for key in METRICS},
-                        "vanilla": {key: report["vanilla"][key] for key in METRICS},
-                        "targets": targets(m, report["vanilla"], report["chance"]),
-                    }
+                    row(label, overrides, wall_s, report, "mmunlearner")
+                    | {"seed": seed, "vanilla": {k: report["vanilla"][k] for k in METRICS}}
                 )
                 met = sum(runs[-1]["targets"].values())
                 print(f"{label} seed {seed}: {met}/4 {runs[-1]['metrics']}", flush=True)
@@ -83,16 +75,9 @@ def main() -> None:
         }
     path = write_result(
         "mmu_seeds",
-        {
-            "benchmark": "mmu_seeds",
-            "command": "benchmarks/mmu_seeds.py --seeds " + " ".join(map(str, args.seeds)),
-            "machine": machine(),
-            "ranks": args.ranks,
-            "date": time.strftime("%Y-%m-%d"),
-            "wall_s": total,
-            "summary": summary,
-            "runs": runs,
-        },
+        "benchmarks/mmu_seeds.py --seeds " + " ".join(map(str, args.seeds)),
+        args.ranks,
+        {"wall_s": total, "summary": summary, "runs": runs},
     )
     shown = METRICS[:6]
     print(f"\n{len(runs)} runs, {total:.0f} s\n")

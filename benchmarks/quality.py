@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from quality_runs import REPO, machine, run_unlearn, write_result
+from quality_runs import REPO, run_unlearn, write_result
 
 METRICS = (
     "forget_vqa_acc",
@@ -88,12 +88,9 @@ def main() -> None:
     total = round(time.time() - t0, 1)
     path = write_result(
         "quality",
+        "benchmarks/quality.py --seeds " + " ".join(map(str, args.seeds)),
+        args.ranks,
         {
-            "benchmark": "quality",
-            "command": "benchmarks/quality.py --seeds " + " ".join(map(str, args.seeds)),
-            "machine": machine(),
-            "ranks": args.ranks,
-            "date": time.strftime("%Y-%m-%d"),
             "seeds": args.seeds,
             "wall_s": {"total": total, **{str(s): w for s, w in walls.items()}},
             "summary": {n: {k: list(v) for k, v in m.items()} for n, m in summary.items()},

@@ -42,7 +42,17 @@ def run_unlearn(ranks: int, cli: list[str], out_dir: Path, name: str) -> tuple[d
     return report, round(time.time() - t0, 1)
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
+def write_result(name: str, command: str, ranks: int, fields: dict[str, Any]) -> Path:
+    """results/<name>.json: what ran, where and when (benchmark, command, machine, ranks, date),
+    then `fields`."""
+    payload = {
+        "benchmark": name,
+        "command": command,
+        "machine": machine(),
+        "ranks": ranks,
+        "date": time.strftime("%Y-%m-%d"),
+        **fields,
+    }
     path = REPO / "benchmarks" / "results" / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
@@ -74,16 +84,9 @@ def finish(
     """Write results/<name>.json (machine, date, vanilla, every row) and print the table."""
     path = write_result(
         name,
-        {
-            "benchmark": name,
-            "command": f"benchmarks/{name}.py" + (" --quick" if quick else ""),
-            "machine": machine(),
-            "ranks": ranks,
-            "date": time.strftime("%Y-%m-%d"),
-            "chance": chance,
-            "vanilla": {key: vanilla[key] for key in metrics},
-            "runs": rows,
-        },
+        f"benchmarks/{name}.py" + (" --quick" if quick else ""),
+        ranks,
+        {"chance": chance, "vanilla": {key: vanilla[key] for key in metrics}, "runs": rows},
     )
     print_table(metrics, vanilla, rows)
     print(f"wrote {path}")
