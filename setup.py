@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "pyyaml>=6.0",
     "rich>=13.0",
     "matplotlib>=3.8",
+    "scipy>=1.11",
+    "tensorboard>=2.15",
 ]
 
 EXTRAS_REQUIRE = {

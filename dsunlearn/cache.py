@@ -1,12 +1,15 @@
-"""Where learned vanilla models live, and the key that names them.
+"""Where learned vanilla and gold models live, and the key that names them.
 
-A vanilla model is keyed by the data seed and size and by a hash of everything that shapes
+A learned model is keyed by the data seed and size and by a hash of everything that shapes
 its weights (model, optimiser, schedule, stopping rule), so a changed setting never reuses a
-stale model. The repo ships one under `checkpoints/vanilla/` for the demo's default.
+stale model. The gold model (`learn gold=true`: the same training without any forget person's
+image) gets the same key plus the gold flag, under `gold/` instead of `vanilla/`. The repo ships
+both under `checkpoints/` for the data seeds the demo and `benchmarks/quality.py` use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -30,6 +33,7 @@ def cache_root(explicit: str | None = None) -> Path:
 
 
 def vanilla_key(cfg: LearnConfig) -> str:
+    """The cache key of `cfg`'s model (its gold twin's when `cfg.gold`)."""
     d = to_dict(cfg)
     shaping = {
         "model": d["model"],
@@ -43,11 +47,19 @@ def vanilla_key(cfg: LearnConfig) -> str:
         "builtin_generator": GENERATOR_VERSION,
         "tiny_vocabulary": hashlib.sha256("\n".join(tiny_vocabulary()).encode()).hexdigest()[:16],
     }
+    if cfg.gold:  # only then: the vanilla keys shipped before the gold model existed stay valid
+        shaping["gold"] = True
     return f"{cfg.model.name.replace('/', '--')}-seed{cfg.data.seed}-e{cfg.data.entities}-{config_hash(shaping)}"
 
 
 def vanilla_dir(cfg: LearnConfig) -> Path:
-    return cache_root(cfg.cache_dir) / "vanilla" / vanilla_key(cfg)
+    """The cache folder of `cfg`'s model: `vanilla/<key>`, or `gold/<key>` when `cfg.gold`."""
+    return cache_root(cfg.cache_dir) / ("gold" if cfg.gold else "vanilla") / vanilla_key(cfg)
+
+
+def gold_dir(cfg: LearnConfig) -> Path:
+    """The gold twin of the vanilla model that `cfg` learns."""
+    return vanilla_dir(dataclasses.replace(cfg, gold=True))
 
 
 def is_complete(path: Path) -> bool:

@@ -31,6 +31,10 @@ class DataConfig:
     entities: int = 20  # built-in benchmark: number of fictitious people
     forget_pct: int = 10  # share of entities in the forget split
     root: str = "data"  # where built-in benchmarks are written
+    # Benchmarks without a Val_Set/ folder: the share of evaluation items that a seeded hash
+    # puts in the validation split (selection reads only it; the rest is the test split).
+    val_pct: int = 20
+    split_seed: int = 0
 
     def resolved_path(self) -> str:
         if self.path:
@@ -64,6 +68,28 @@ class EvalConfig:
     batch_size: int = 32  # global; per rank = batch_size // world_size
     max_items: int = 0  # cap per metric (0: all); keeps large retain sets quick
     gen_max_new_tokens: int = 8
+    # Which benchmark's protocol scores the models (builtin | mllmu | clear | mmubench), on
+    # `path` (default: data.path, the data the run trains on).
+    benchmark: str = "builtin"
+    path: str | None = None
+    every: int = 0  # in-run evaluation of the validation split every N iterations (0: none)
+    val_max_items: int = 0  # cap per validation metric (0: all); in-run evaluation cost
+
+
+@dataclass
+class SelectConfig:
+    """Which evaluated step of a method is its result (eval/selection.py has the rules)."""
+
+    # gold_first: the first step with forget <= gold + forget_margin and retain >= retain_share
+    # x vanilla (validation), else the best score; best_score: the best score; last: the end.
+    criterion: str = "gold_first"
+    forget_margin: float = 0.05
+    retain_share: float = 0.95
+
+
+@dataclass
+class EarlyStopConfig:
+    patience: int = 0  # stop after K evaluations that do not change the selection (0: never)
 
 
 @dataclass
@@ -139,12 +165,18 @@ class UnlearnConfig:
     name: str = "unlearn"
     methods: list[str] = field(default_factory=lambda: ["ga"])
     vanilla: str | None = None  # model folder; None: the learned checkpoint for data+model
+    # The gold model (never saw the forget faces): a folder; None: the learned gold model for
+    # data+model+seed if it is cached; "none": no gold row.
+    gold: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)  # peft.lora.r > 0: train adapters
     eval: EvalConfig = field(default_factory=EvalConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb (offline)
     deepspeed: str = "configs/deepspeed/zero3_cpu.json"
     out_dir: str = "runs"
     seed: int = 0
@@ -195,6 +227,9 @@ class LearnConfig:
     augment: bool = True  # fresh random shift/scale/brightness/noise on every training image
     cache_dir: str | None = None  # None: $DSUNLEARN_CACHE, else ./checkpoints
     seed: int = 0
+    # The gold model: the vanilla's training (same steps and seed) minus every image of a forget
+    # person; it knows their facts by name, never their faces. Needs the vanilla model cached.
+    gold: bool = False
 
 
 # --------------------------------------------------------------------------- loading

@@ -41,14 +41,14 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from dsunlearn.data.mllmu import (
-    _image,
-    _is_image,
-    _is_list,
-    _is_string,
-    _short,
+from dsunlearn.data.parquet import (
+    decode_image,
+    is_image,
+    is_list,
+    is_string,
     looks_like_hub_id,
     read_parquet_folder,
+    short_error,
 )
 from dsunlearn.errors import DataError
 
@@ -254,7 +254,7 @@ def _read_hub(hub_id: str, config: str, kind: str) -> pa.Table:
         ds = datasets.load_dataset(hub_id, config, split=SPLIT)
     except Exception as e:  # offline, unknown repo, unknown config...
         raise DataError(
-            f"cannot load '{hub_id}' config '{config}' from the Hugging Face hub: {_short(e)}"
+            f"cannot load '{hub_id}' config '{config}' from the Hugging Face hub: {short_error(e)}"
         ) from e
     table = _arrow(ds)
     check_schema(table.schema, f"{hub_id}/{config}", kind)
@@ -277,8 +277,8 @@ def check_schema(file_schema: pa.Schema, where: str, kind: str) -> None:
                 f"{', '.join(expected)})"
             )
     checks: dict[str, Callable[[pa.DataType], bool]] = {
-        "image": _is_image,
-        **{c: _is_string for c in ("caption", "name", "question", "answer", "paraphrased_caption")},
+        "image": is_image,
+        **{c: is_string for c in ("caption", "name", "question", "answer", "paraphrased_caption")},
         **{c: _is_string_list for c in LIST_COLUMNS},
     }
     for col in expected:
@@ -294,7 +294,7 @@ def check_schema(file_schema: pa.Schema, where: str, kind: str) -> None:
 
 def _is_string_list(t: pa.DataType) -> bool:
     """A list of strings, or a string holding a JSON list."""
-    return _is_string(t) or (_is_list(t) and _is_string(t.value_type))
+    return is_string(t) or (is_list(t) and is_string(t.value_type))
 
 
 def _str(row: dict[str, Any], col: str, where: str) -> str:
@@ -325,7 +325,7 @@ def _str_list(row: dict[str, Any], col: str, where: str) -> list[str]:
 
 
 def _img(row: dict[str, Any], where: str) -> Image.Image:
-    im = _image(row.get("image"), where)
+    im = decode_image(row.get("image"), where)
     if im is None:
         raise DataError(f"{where}: column 'image' holds no image")
     return im

@@ -14,7 +14,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from dsunlearn.data.mllmu import TYPE_IMAGE, TYPE_TEXT, Benchmark, EntityRecord
+from dsunlearn.data.benchmark import Benchmark, EntityRecord
+from dsunlearn.data.mllmu import TYPE_IMAGE, TYPE_TEXT
 from dsunlearn.data.siu import choose_image
 from dsunlearn.data.siu_templates import NEW_NAME_QUESTIONS
 
@@ -82,6 +83,15 @@ def text_qa_examples(records: Iterable[EntityRecord]) -> list[QAExample]:
         for g in r.gen
         if g.type == TYPE_TEXT
     ]
+
+
+def learn_examples(bench: Benchmark, gold: bool = False) -> list[QAExample]:
+    """What `dsunlearn learn` trains on: every person's training VQA pairs with every training
+    image, then every person's text QA. The gold model's set (`gold`) keeps all the text QA (the
+    forget people's facts stay known by name) and drops every picture of a forget person."""
+    people = bench.forget + bench.retain
+    pictured = bench.retain if gold else people
+    return vqa_train_examples(pictured) + text_qa_examples(people)
 
 
 def mc_vqa_examples(records: Iterable[EntityRecord]) -> list[MCExample]:

@@ -9,21 +9,22 @@ several parquet shards, no "Name" in the biography).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-import re
-import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
 
+from dsunlearn.data.benchmark import Benchmark, EntityRecord, GenItem, MCItem
+from dsunlearn.data.parquet import (
+    decode_image,
+    is_image,
+    is_list,
+    is_string,
+    looks_like_hub_id,
+    read_parquet_folder,
+    short_error,
+)
 from dsunlearn.errors import DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -123,86 +124,8 @@ _REQUIRED = ("ID", "biography", "Classification_Task", "Generation_Task", "Mask_
 _REQUIRED_TRAIN = (*_REQUIRED, "metadata")
 
 # ---------------------------------------------------------------------------------------------
-# Loaded records
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MCItem:
-    """A multiple-choice question; `options` are in letter order A, B, C, D."""
-
-    question: str
-    options: list[str]
-    answer_index: int
-
-
-@dataclass(frozen=True)
-class GenItem:
-    """A generation or cloze item. `type` is "Image_Textual" or "Pure_Text"."""
-
-    type: str
-    question: str
-    ground_truth: str
-
-
-@dataclass
-class EntityRecord:
-    """One person of one split, decoded: what trainers and evaluators consume."""
-
-    id: str
-    name: str
-    biography: dict[str, Any]
-    images: list[Image.Image]
-    metadata: list[tuple[str, str]]
-    mc_image: list[MCItem]
-    mc_text: list[MCItem]
-    gen: list[GenItem]
-    cloze: list[GenItem]
-
-
-@dataclass
-class Benchmark:
-    """The forget, retain and test people of one benchmark; `source` says where it came from."""
-
-    forget: list[EntityRecord]
-    retain: list[EntityRecord]
-    test: list[EntityRecord]
-    source: str
-    forget_pct: int = 10
-    # entity id -> look, where the benchmark describes its pictures (the built-in one does)
-    appearance: dict[str, dict[str, str]] = field(default_factory=dict)
-    _forget_ids: frozenset[str] = field(default=frozenset(), init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._forget_ids = frozenset(r.id for r in self.forget)
-
-    @property
-    def forget_ids(self) -> frozenset[str]:
-        return self._forget_ids
-
-    @property
-    def test_forget(self) -> list[EntityRecord]:
-        """Held-out renderings of the forget people: does forgetting generalise to new images?"""
-        return [r for r in self.test if r.id in self._forget_ids]
-
-    @property
-    def test_retain(self) -> list[EntityRecord]:
-        """Held-out renderings of everyone else."""
-        return [r for r in self.test if r.id not in self._forget_ids]
-
-
-# ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-
-def looks_like_hub_id(path_or_hub_id: str) -> bool:
-    """`owner/name`, and `owner` is not a local folder (then it was meant as a local path)."""
-    if not _HUB_ID_RE.match(path_or_hub_id):
-        return False
-    return not Path(path_or_hub_id.split("/", 1)[0]).is_dir()
 
 
 def load_benchmark(path_or_hub_id: str, forget_pct: int = 10) -> Benchmark:
@@ -276,32 +199,6 @@ def _read_local(folder: Path, train_split: bool) -> Any:
     )
 
 
-def read_parquet_folder(folder: Path, check: Callable[[pa.Schema, Path], None]) -> Any:
-    """Every parquet file under `folder`: `check(schema, file)` each (one DataError line on a
-    wrong schema), then load them through `datasets`, in memory. Shared by the benchmark
-    loaders (MLLMU-Bench, CLEAR, MMUBench)."""
-    files = sorted(folder.rglob("*.parquet"))
-    if not files:
-        raise DataError(f"{folder}: no parquet file")
-    for f in files:
-        try:
-            schema = pq.read_schema(f)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{f}: unreadable parquet ({_short(e)})") from e
-        check(schema, f)
-
-    import datasets  # heavy import: only when actually loading
-
-    # A throw-away cache folder: the data is kept in memory, nothing lingers in ~/.cache.
-    with _quiet(), tempfile.TemporaryDirectory(prefix="dsunlearn-parquet-") as cache:
-        try:
-            return datasets.Dataset.from_parquet(
-                [str(f) for f in files], keep_in_memory=True, cache_dir=cache
-            )
-        except Exception as e:  # datasets raises many types; all mean "cannot read this"
-            raise DataError(f"{folder}: cannot read parquet ({_short(e)})") from e
-
-
 def _read_hub(hub_id: str, folder: str, train_split: bool) -> Any:
     """Load one split folder of a hub dataset; any failure becomes one DataError line."""
     import datasets
@@ -309,42 +206,11 @@ def _read_hub(hub_id: str, folder: str, train_split: bool) -> Any:
     try:  # progress bars stay on: the real dataset is a large download
         ds = datasets.load_dataset(hub_id, data_dir=folder, split="train")
     except Exception as e:  # offline, unknown repo, gated, missing folder...
-        raise DataError(f"cannot load '{hub_id}' from the Hugging Face hub: {_short(e)}") from e
+        raise DataError(
+            f"cannot load '{hub_id}' from the Hugging Face hub: {short_error(e)}"
+        ) from e
     _check_schema(ds.data.schema, f"{hub_id}/{folder}", train_split)
     return ds
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """No progress bars for tiny local reads; restore the caller's setting afterwards."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
-def _short(e: BaseException) -> str:
-    """First line of an exception message, capped, for one-line errors."""
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
-
-
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t)
-
-
-def _is_image(t: pa.DataType) -> bool:
-    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
 
 
 def _check_schema(schema: pa.Schema, where: str, train_split: bool) -> None:
@@ -356,14 +222,14 @@ def _check_schema(schema: pa.Schema, where: str, train_split: bool) -> None:
     if "image" not in names and "images" not in names:
         raise DataError(f"{where}: parquet is missing column 'image' (and has no 'images')")
     checks = {
-        "ID": lambda t: _is_string(t) or pa.types.is_integer(t),
-        "image": _is_image,
-        "images": lambda t: _is_list(t) and _is_image(t.value_type),
-        "biography": _is_string,
-        "metadata": lambda t: _is_string(t) or _is_list(t),
-        "Classification_Task": lambda t: _is_string(t) or pa.types.is_struct(t),
-        "Generation_Task": lambda t: _is_string(t) or _is_list(t),
-        "Mask_Task": lambda t: _is_string(t) or _is_list(t),
+        "ID": lambda t: is_string(t) or pa.types.is_integer(t),
+        "image": is_image,
+        "images": lambda t: is_list(t) and is_image(t.value_type),
+        "biography": is_string,
+        "metadata": lambda t: is_string(t) or is_list(t),
+        "Classification_Task": lambda t: is_string(t) or pa.types.is_struct(t),
+        "Generation_Task": lambda t: is_string(t) or is_list(t),
+        "Mask_Task": lambda t: is_string(t) or is_list(t),
     }
     for col, ok in checks.items():
         if col in names and not ok(schema.field(col).type):
@@ -382,23 +248,6 @@ def _json(value: Any, where: str, col: str) -> Any:
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: column '{col}' is not valid JSON ({e.msg})") from e
     return value
-
-
-def _image(value: Any, where: str) -> Image.Image | None:
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict):
-        raw = value.get("bytes")
-        try:
-            if raw:
-                return Image.open(io.BytesIO(raw)).convert("RGB")
-            if value.get("path") and os.path.exists(value["path"]):
-                return Image.open(value["path"]).convert("RGB")
-        except OSError as e:
-            raise DataError(f"{where}: undecodable image ({_short(e)})") from e
-    return None
 
 
 def _mc_items(items: Any, where: str) -> list[MCItem]:
@@ -436,9 +285,11 @@ def _record(row: dict[str, Any], where: str) -> EntityRecord:
     bio = _json(row.get("biography"), where, "biography") or {}
     if not isinstance(bio, dict):
         raise DataError(f"{where}: column 'biography' is not a JSON object")
-    images = [im for im in (_image(v, where) for v in row.get("images") or []) if im is not None]
+    images = [
+        im for im in (decode_image(v, where) for v in row.get("images") or []) if im is not None
+    ]
     if not images:
-        first = _image(row.get("image"), where)
+        first = decode_image(row.get("image"), where)
         images = [first] if first is not None else []
     if not images:
         raise DataError(f"{where}: person {rid} has no image")

@@ -45,14 +45,14 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from dsunlearn.data.mllmu import (
-    _image,
-    _is_image,
-    _is_list,
-    _is_string,
-    _short,
+from dsunlearn.data.parquet import (
+    decode_image,
+    is_image,
+    is_list,
+    is_string,
     looks_like_hub_id,
     read_parquet_folder,
+    short_error,
 )
 from dsunlearn.errors import DataError
 
@@ -214,14 +214,16 @@ def _read_hub(hub_id: str) -> pa.Table:
     try:
         ds = datasets.load_dataset(hub_id, data_dir=CONCEPTS_DIR, split="train")
     except Exception as e:  # offline, unknown repo, gated, missing folder...
-        raise DataError(f"cannot load '{hub_id}' from the Hugging Face hub: {_short(e)}") from e
+        raise DataError(
+            f"cannot load '{hub_id}' from the Hugging Face hub: {short_error(e)}"
+        ) from e
     table = ds.with_format("arrow")[:]
     check_schema(table.schema, f"{hub_id}/{CONCEPTS_DIR}")
     return table
 
 
 def _json_or(nested: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
-    return lambda t: _is_string(t) or nested(t)
+    return lambda t: is_string(t) or nested(t)
 
 
 def check_schema(file_schema: pa.Schema, where: str) -> None:
@@ -230,14 +232,14 @@ def check_schema(file_schema: pa.Schema, where: str) -> None:
     for col in REQUIRED:
         if col not in names:
             raise DataError(f"{where}: parquet is missing column '{col}'")
-    string_list = _json_or(lambda t: _is_list(t) and _is_string(t.value_type))
-    struct_list = _json_or(lambda t: _is_list(t) and pa.types.is_struct(t.value_type))
+    string_list = _json_or(lambda t: is_list(t) and is_string(t.value_type))
+    struct_list = _json_or(lambda t: is_list(t) and pa.types.is_struct(t.value_type))
     checks: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
-        "concept_id": (lambda t: _is_string(t) or pa.types.is_integer(t), "string"),
-        "name": (_is_string, "string"),
-        "category": (_is_string, "string"),
-        "train_image": (_is_image, "an image struct {bytes, path}"),
-        "test_images": (lambda t: _is_list(t) and _is_image(t.value_type), "a list of images"),
+        "concept_id": (lambda t: is_string(t) or pa.types.is_integer(t), "string"),
+        "name": (is_string, "string"),
+        "category": (is_string, "string"),
+        "train_image": (is_image, "an image struct {bytes, path}"),
+        "test_images": (lambda t: is_list(t) and is_image(t.value_type), "a list of images"),
         "aliases": (string_list, "a JSON string (list of strings)"),
         "probe_prompts": (string_list, "a JSON string (list of strings)"),
         "mia_prompts": (string_list, "a JSON string (list of strings)"),
@@ -311,11 +313,11 @@ def _concept(row: dict[str, Any], where: str) -> Concept:
     cid = str(row["concept_id"])
     where = f"{where} (concept {cid})"
     train_raw = row.get("train_image")
-    train = _image(train_raw, where)
+    train = decode_image(train_raw, where)
     if train is None:
         raise DataError(f"{where}: column 'train_image' holds no image")
     test_raw = row.get("test_images") or []
-    tests = [im for im in (_image(v, where) for v in test_raw) if im is not None]
+    tests = [im for im in (decode_image(v, where) for v in test_raw) if im is not None]
     if not tests:
         raise DataError(f"{where}: column 'test_images' holds no image")
     train_bytes = (train_raw or {}).get("bytes")

@@ -28,7 +28,7 @@ from PIL import Image
 
 from dsunlearn.data import faces
 from dsunlearn.data import siu_templates as T
-from dsunlearn.data.mllmu import EntityRecord
+from dsunlearn.data.benchmark import EntityRecord
 from dsunlearn.errors import DataError
 
 TARGETS = ("new_name", "new_description", "true_facts", "other_qa")

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from dsunlearn.config import EvalConfig
+from dsunlearn.data.benchmark import Benchmark, EntityRecord
 from dsunlearn.data.examples import (
     GenExample,
     MCExample,
@@ -45,14 +46,7 @@ from dsunlearn.data.examples import (
     mc_vqa_examples,
     subsample,
 )
-from dsunlearn.data.mllmu import (
-    CELEBRITY_DIR,
-    TEST_DIR,
-    TYPE_IMAGE,
-    TYPE_TEXT,
-    Benchmark,
-    EntityRecord,
-)
+from dsunlearn.data.mllmu import CELEBRITY_DIR, TEST_DIR, TYPE_IMAGE, TYPE_TEXT
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.eval.evaluate import _per_rank
 from dsunlearn.eval.metrics import (

@@ -49,6 +49,7 @@ import torch
 
 from dsunlearn.config import EvalConfig
 from dsunlearn.data import clear as clear_data
+from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.data.examples import (
     GenExample,
     MCExample,
@@ -56,7 +57,6 @@ from dsunlearn.data.examples import (
     QAExample,
     subsample,
 )
-from dsunlearn.data.mllmu import Benchmark
 from dsunlearn.data.mmubench import MMUBench
 from dsunlearn.data.siu import name_token_ids
 from dsunlearn.engine.batches import shard_for_rank, to_device

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from dsunlearn.config import MethodConfig, OptimConfig
+from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.data.examples import vqa_train_examples
-from dsunlearn.data.mllmu import Benchmark
 from dsunlearn.errors import MethodError
 from dsunlearn.models.encode import logits_of, sequence_logprob_sum, sequence_nll
 

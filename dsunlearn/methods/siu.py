@@ -26,7 +26,7 @@ import torch
 
 from dsunlearn.config import OptimConfig
 from dsunlearn.data.augment import augment_image
-from dsunlearn.data.mllmu import Benchmark
+from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.data.siu import SIUData, SIUSample, build_siu_data, name_token_ids
 from dsunlearn.errors import ConfigError, DataError, MethodError
 from dsunlearn.methods.base import Batch, Method, register

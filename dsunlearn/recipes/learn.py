@@ -3,6 +3,12 @@
 Trains on the image questions (every training image) and the text questions of ALL entities
 until every multiple-choice accuracy (forget/retain VQA, held-out-image VQA, text QA) reaches
 `target_acc`, then saves the model and processor to the cache, keyed by data seed and config.
+
+`gold=true` learns the gold model instead, the target of visual unlearning: the same model,
+seed and number of steps as the cached vanilla model, on the same data minus every picture of
+a forget person (`examples.learn_examples`). It knows the forget people's facts by name and has
+never seen their faces; it trains for exactly the vanilla's steps (no accuracy target: its
+forget VQA is meant to stay near chance).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from tqdm import tqdm
 from dsunlearn.cache import META_FILE, is_complete, vanilla_dir, vanilla_key
 from dsunlearn.config import LearnConfig, to_dict
 from dsunlearn.data.augment import augment_image
-from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
+from dsunlearn.data.examples import learn_examples
 from dsunlearn.engine.batches import global_batches
 from dsunlearn.engine.dist import barrier, get_logger, init_distributed
 from dsunlearn.engine.engine import build_train_engine, optimizer_step
@@ -73,6 +79,17 @@ def compare_histories(
             )
 
 
+def _vanilla_steps(cfg: LearnConfig) -> int:
+    """How many steps the vanilla model that `cfg` (gold) mirrors was trained for."""
+    vanilla = vanilla_dir(dataclasses.replace(cfg, gold=False))
+    if not is_complete(vanilla):
+        raise DsunlearnError(
+            f"gold=true trains as long as the vanilla model, and there is none at {vanilla}: "
+            "run `dsunlearn learn` with the same settings without gold=true first"
+        )
+    return int(json.loads((vanilla / META_FILE).read_text())["steps"])
+
+
 def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> Path:
     """Learn (or reuse) the vanilla model; returns its cache folder.
 
@@ -85,15 +102,17 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
     out_dir = vanilla_dir(cfg)
     if verify_steps:
         if not is_complete(out_dir):
-            raise DsunlearnError(f"nothing to verify: no cached vanilla model at {out_dir}")
+            raise DsunlearnError(f"nothing to verify: no cached model at {out_dir}")
         if verify_steps % cfg.eval_every:
             raise ConfigError(f"--verify {verify_steps} must be a multiple of eval_every")
         recorded = json.loads((out_dir / META_FILE).read_text())
         if "num_threads" in recorded:  # same float summation order as the recorded run
             torch.set_num_threads(recorded["num_threads"])
     elif is_complete(out_dir) and not force:
-        log.info(f"vanilla model cached: {out_dir}")
+        log.info(f"{'gold' if cfg.gold else 'vanilla'} model cached: {out_dir}")
         return out_dir
+    max_steps = verify_steps or (_vanilla_steps(cfg) if cfg.gold else cfg.optim.steps)
+    mirrors = vanilla_key(dataclasses.replace(cfg, gold=False)) if cfg.gold else None
 
     t0 = time.time()
     bench = prepare_benchmark(cfg.data, info)
@@ -105,12 +124,12 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
     engine = build_train_engine(model, cfg.optim, ds)
 
     records = bench.forget + bench.retain
-    train = vqa_train_examples(records) + text_qa_examples(records)
+    train = learn_examples(bench, gold=cfg.gold)
     stream = global_batches(train, cfg.optim.batch_size, info.rank, info.world_size, cfg.seed)
     sets = build_eval_sets(bench, cfg.eval, cfg.seed, with_probes=False)  # no forgetting yet
     log.info(
-        f"learn: {len(train)} examples, {len(records)} entities, world size {info.world_size}, "
-        f"up to {cfg.optim.steps} steps -> {out_dir}"
+        f"learn{' gold' if cfg.gold else ''}: {len(train)} examples, {len(records)} entities, "
+        f"world size {info.world_size}, {'' if cfg.gold else 'up to '}{max_steps} steps -> {out_dir}"
     )
     rng = np.random.default_rng([cfg.seed, info.rank])
 
@@ -123,7 +142,6 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
         ]
 
     history: list[dict] = []
-    max_steps = verify_steps or cfg.optim.steps
     bar = tqdm(range(1, max_steps + 1), desc="learn", disable=not info.is_main)
     step = 0
     for step in bar:
@@ -131,13 +149,13 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
         loss = sequence_nll(logits_of(engine, batch), batch["labels"]).mean()
         optimizer_step(engine, loss, f"learn step {step}")
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.eval_every == 0 or step == cfg.optim.steps:
+        if step % cfg.eval_every == 0 or step == max_steps:
             metrics = evaluate(
                 engine.module, processor, sets, cfg.eval, info, zero3, include_generation=False
             )
             history.append({"step": step, "loss": loss.item(), **metrics})
             log.info(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-            if min(metrics.values()) >= cfg.target_acc and not verify_steps:
+            if min(metrics.values()) >= cfg.target_acc and not (verify_steps or cfg.gold):
                 break
     bar.close()
     if verify_steps:
@@ -171,12 +189,16 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
                     "num_threads": torch.get_num_threads(),
                     "cpu_path": cpu_path(),
                     "reached_target": reached,
+                    **({"gold": True, "mirrors": mirrors} if cfg.gold else {}),
                     "metrics": final,
                     "history": history,
                     "config": to_dict(cfg),
                 },
             )
-        msg = "reached" if reached else "did NOT reach"
-        log.info(f"learn: {msg} target {cfg.target_acc} after {step} steps; saved {out_dir}")
+        if cfg.gold:
+            log.info(f"learn gold: {step} steps as {mirrors}; saved {out_dir}")
+        else:
+            msg = "reached" if reached else "did NOT reach"
+            log.info(f"learn: {msg} target {cfg.target_acc} after {step} steps; saved {out_dir}")
     barrier()
     return out_dir

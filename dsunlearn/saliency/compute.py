@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from dsunlearn.config import MaskConfig, SaliencyConfig
+from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
-from dsunlearn.data.mllmu import Benchmark
 from dsunlearn.engine.batches import to_device
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.errors import ConfigError, DataError
