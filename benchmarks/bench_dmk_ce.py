@@ -1,6 +1,8 @@
 """Forward+backward time and peak extra memory of alpha*CE + beta*Dual Masked KL, four ways.
 
     .venv/bin/python benchmarks/bench_dmk_ce.py [--device auto|cpu|cuda] [--quick]
+        [--impls eager,compile,liger,ours] [--vocabs 32000,151936] [--ns 4096,8192]
+        [--hidden 4096] [--out results.json] [--plot plot.png]
 
 Implementations, all timed in the same run on the same inputs:
 
@@ -15,7 +17,11 @@ Implementations, all timed in the same run on the same inputs:
            correctness tool, not a performance path).
 
 Sizes: CUDA V in {32000, 128256, 151936}, N in {1024, 4096, 8192}, H=4096, bf16; CPU (torch paths
-only) V in {2048, 8192}, N in {256, 1024}, H=256, fp32. --quick keeps the smallest ones.
+only) V in {2048, 8192}, N in {256, 1024}, H=256, fp32. --quick keeps the smallest ones;
+--vocabs/--ns/--hidden override them, --impls picks a subset (the others are not run at all).
+
+Timing: CUDA, CUDA events around each forward+backward step (median over the repeats); CPU,
+time.perf_counter. On CUDA the large inputs are drawn on the GPU (a CUDA generator, seed 0).
 
 Peak extra memory: CUDA, torch.cuda.max_memory_allocated() after reset_peak_memory_stats() minus
 the memory allocated before the step (inputs, weights); CPU, torch.profiler(profile_memory=True)
@@ -23,8 +29,8 @@ around one step, the maximum of the running sum of the CPU allocator's allocatio
 events in time order (frees of blocks allocated before the profiler started are ignored). Both
 figures include the gradients of h and weight the step leaves behind.
 
-Writes benchmarks/results/dmk_ce_<device>.json and benchmarks/plots/dmk_ce_<device>.png and prints
-a markdown table.
+Writes benchmarks/results/dmk_ce_<device>.json and benchmarks/plots/dmk_ce_<device>.png (or --out
+and --plot) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -93,10 +99,14 @@ def machine(device: torch.device) -> dict:
 
 def make_inputs(n: int, vocab: int, hid: int, dtype, device, seed: int = 0) -> dict:
     g = torch.Generator(device="cpu").manual_seed(seed)
+    # CPU: one generator for everything (as the recorded CPU results). CUDA: the large tensors are
+    # drawn on the GPU (drawing 2 x 151936 x 4096 normals on the host takes tens of seconds).
+    dev = torch.device(device)
+    gd = g if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(seed)
     scale = hid**-0.5
 
     def rnd(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gd, device=gd.device) * s).to(device=dev, dtype=dtype)
 
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[torch.rand(n, generator=g) < 0.1] = -100
@@ -236,11 +246,18 @@ def run_impl(impl: str, x: dict, device, warmup: int, repeats: int) -> dict:
         sync(device)
         times = []
         for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            step(fn, x)
-            sync(device)
-            times.append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(fn, x)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                step(fn, x)
+                times.append(time.perf_counter() - t0)
         row["median_ms"] = round(1e3 * statistics.median(times), 3)
         row["min_ms"] = round(1e3 * min(times), 3)
         row["repeats"] = repeats
@@ -262,11 +279,11 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else round(a / b, 3)
 
 
-def run_case(n, vocab, hid, dtype, device, warmup, repeats) -> list[dict]:
+def run_case(n, vocab, hid, dtype, device, warmup, repeats, impls=IMPLS) -> list[dict]:
     x = make_inputs(n, vocab, hid, dtype, device)
     logits_mib = 2 * n * vocab * 4 / MIB
     rows = []
-    for impl in IMPLS:
+    for impl in impls:
         reason = skip_reason(impl, device)
         row = (
             {"impl": impl, "status": reason}
@@ -278,20 +295,20 @@ def run_case(n, vocab, hid, dtype, device, warmup, repeats) -> list[dict]:
         if impl == "liger":
             row["note"] = LIGER_NOTE
         rows.append(row)
-    eager = rows[0]
+    by = {r["impl"]: r for r in rows}
+    eager = by.get("eager", {"status": "not run"})
     for row in rows:
-        if row["status"] != "ok":
+        if row["status"] != "ok" or eager["status"] != "ok":
             continue
         row["time_vs_eager"] = ratio(row.get("median_ms"), eager.get("median_ms"))
         row["mem_vs_eager"] = ratio(row.get("peak_extra_mib"), eager.get("peak_extra_mib"))
-        if eager["status"] == "ok":
-            row["loss_abs_diff_vs_eager"] = abs(row["loss"] - eager["loss"])
-            g, ge = row["_grad_h"], eager["_grad_h"]
-            row["grad_h_max_rel_diff_vs_eager"] = float((g - ge).abs().max() / ge.abs().max())
-    liger = rows[2]
-    if rows[3]["status"] == "ok" and liger["status"] == "ok":
-        rows[3]["time_vs_liger"] = ratio(rows[3]["median_ms"], liger["median_ms"])
-        rows[3]["mem_vs_liger"] = ratio(rows[3]["peak_extra_mib"], liger["peak_extra_mib"])
+        row["loss_abs_diff_vs_eager"] = abs(row["loss"] - eager["loss"])
+        g, ge = row["_grad_h"], eager["_grad_h"]
+        row["grad_h_max_rel_diff_vs_eager"] = float((g - ge).abs().max() / ge.abs().max())
+    ours, liger = by.get("ours"), by.get("liger")
+    if ours and liger and ours["status"] == "ok" and liger["status"] == "ok":
+        ours["time_vs_liger"] = ratio(ours["median_ms"], liger["median_ms"])
+        ours["mem_vs_liger"] = ratio(ours["peak_extra_mib"], liger["peak_extra_mib"])
     for row in rows:
         row.pop("_grad_h", None)
     return rows
@@ -369,7 +386,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--quick", action="store_true", help="smallest sizes and fewer repeats")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma list, subset of " + str(IMPLS))
+    ap.add_argument("--vocabs", help="comma list of V (overrides the device default)")
+    ap.add_argument("--ns", help="comma list of N (overrides the device default)")
+    ap.add_argument("--hidden", type=int, help="H (overrides the device default)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/dmk_ce_<device>.json)")
+    ap.add_argument("--plot", help="PNG path (default benchmarks/plots/dmk_ce_<device>.png)")
     args = ap.parse_args()
+    impls = tuple(i for i in args.impls.split(",") if i)
+    if not impls or any(i not in IMPLS for i in impls):
+        sys.exit(f"--impls must be a comma list of {IMPLS}, got {args.impls!r}")
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -387,6 +413,12 @@ def main() -> None:
         warmup, repeats = 2, 5
         if args.quick:
             vocabs, ns, repeats = [2048], [256], 3
+    if args.vocabs:
+        vocabs = [int(v) for v in args.vocabs.split(",")]
+    if args.ns:
+        ns = [int(v) for v in args.ns.split(",")]
+    if args.hidden:
+        hid = args.hidden
 
     info = machine(device)
     print(f"# dual masked KL + CE on {info['description']}, torch {info['torch']}", flush=True)
@@ -394,7 +426,9 @@ def main() -> None:
     rows = []
     for vocab in vocabs:
         for n in ns:
-            case = run_case(n, vocab, hid, dtype, device, warmup, repeats)
+            case = run_case(n, vocab, hid, dtype, device, warmup, repeats, impls)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             for r in case:
                 print(
                     f"V={vocab} N={n} {r['impl']:8s} {r['status'][:60]:60s} "
@@ -415,7 +449,10 @@ def main() -> None:
         "inputs": "random h, weight (V x H, std H^-0.5), ref_h, ref_weight; labels ~10% -100; "
         "token_mask ~30% True; 2-4 drop_ids; seed 0",
         "timing": f"median of {repeats} forward+backward steps after {warmup} warm-up steps "
-        "(the first warm-up includes torch.compile); grads reset to None before each step",
+        "(the first warm-up includes torch.compile / Triton JIT); grads reset to None before each "
+        "step; "
+        + ("CUDA events around each step" if device.type == "cuda" else "time.perf_counter"),
+        "impls": list(impls),
         "memory_method": CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD,
         "liger_note": LIGER_NOTE,
         "errors": errors,
@@ -423,10 +460,10 @@ def main() -> None:
         "rows": rows,
     }
     dev = device.type
-    out = REPO / "benchmarks" / "results" / f"dmk_ce_{dev}.json"
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"dmk_ce_{dev}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    png = REPO / "benchmarks" / "plots" / f"dmk_ce_{dev}.png"
+    png = Path(args.plot) if args.plot else REPO / "benchmarks" / "plots" / f"dmk_ce_{dev}.png"
     title = f"alpha*CE + beta*DMK fwd+bwd, {info['description']}, H={hid}, {rows[0]['dtype']}"
     plot(rows, png, title)
     print()

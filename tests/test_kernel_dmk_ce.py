@@ -17,32 +17,40 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4), torch.bfloat16: dict(atol=5e-3
 # fused tests run in-process; in a plain run (where other modules may already have imported
 # triton) they are skipped and test_triton_suite_in_subprocess reruns this file in a fresh process
 # with TRITON_INTERPRET=1, so the environment of the other test modules is left untouched.
+#
+# Where a GPU is present (never in CI), the same fused tests also run compiled on CUDA: the
+# "cuda" parameter of FUSED_DEVICES. The interpreter rerun deselects those ("not cuda").
 needs_interp = pytest.mark.skipif(
     not dmk.interpreter_ready(),
     reason="needs TRITON_INTERPRET=1 at triton import: run by test_triton_suite_in_subprocess",
 )
+COMPILED_CUDA = dmk.triton is not None and not dmk.interpreter_ready() and torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not COMPILED_CUDA, reason="needs a CUDA GPU (compiled Triton)")
+FUSED_DEVICES = [pytest.param("cpu", marks=needs_interp), pytest.param("cuda", marks=needs_cuda)]
 
 
 @pytest.mark.skipif(dmk.triton is None, reason="triton not installed")
 @pytest.mark.skipif(dmk.interpreter_ready(), reason="already in interpreter mode")
 def test_triton_suite_in_subprocess():
-    rerun_under_interpreter(__file__, "fused")
+    rerun_under_interpreter(__file__, "fused and not cuda")
 
 
-def make_inputs(n, v, hid, ref_hid, dtype=torch.float32, bias=False, seed=0, drop=(1, 4)):
+def make_inputs(
+    n, v, hid, ref_hid, dtype=torch.float32, bias=False, seed=0, drop=(1, 4), device="cpu"
+):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
     inp = dict(
         h=rnd(n, hid).requires_grad_(),
         weight=rnd(v, hid, scale=0.5).requires_grad_(),
         ref_h=rnd(n, ref_hid).requires_grad_(),
         ref_weight=rnd(v, ref_hid, scale=0.5).requires_grad_(),
-        labels=torch.randint(0, v, (n,), generator=g),
-        token_mask=torch.rand(n, generator=g) < 0.4,
-        drop_ids=torch.tensor([d for d in drop if d < v], dtype=torch.long),
+        labels=torch.randint(0, v, (n,), generator=g).to(device),
+        token_mask=(torch.rand(n, generator=g) < 0.4).to(device),
+        drop_ids=torch.tensor([d for d in drop if d < v], dtype=torch.long, device=device),
         bias=rnd(v, scale=0.3).requires_grad_() if bias else None,
         ref_bias=rnd(v, scale=0.3).requires_grad_() if bias else None,
     )
@@ -116,9 +124,16 @@ def test_reference_equals_kl_div_without_drop_or_mask():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_interp)])
-def test_frozen_side_gets_no_grad_fused_and_reference(use_triton):
-    inp = make_inputs(5, 13, 4, 6, bias=True)
+@pytest.mark.parametrize(
+    "use_triton, dev",
+    [
+        (False, "cpu"),
+        pytest.param(True, "cpu", marks=needs_interp),
+        pytest.param(True, "cuda", marks=needs_cuda),
+    ],
+)
+def test_frozen_side_gets_no_grad_fused_and_reference(use_triton, dev):
+    inp = make_inputs(5, 13, 4, 6, bias=True, device=dev)
     loss = dual_masked_kl_ce(**inp, use_triton=use_triton)
     loss.backward()
     assert inp["h"].grad is not None and inp["weight"].grad is not None
@@ -163,7 +178,7 @@ def test_reference_gradient_matches_analytic_formula():
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused Triton path (TRITON_INTERPRET=1 on CPU) against the reference
+# Fused Triton path (TRITON_INTERPRET=1 on CPU; compiled on CUDA if present) against the reference
 # ---------------------------------------------------------------------------------------------
 
 
@@ -193,40 +208,43 @@ SHAPES = [
     (7, 101, 16, 8, 2, 32),  # 4 chunks, 4 tiles
     (5, 64, 8, 8, None, 4096),  # default chunk, one tile exactly V wide
     (1, 37, 16, 16, 1, 64),  # single row, one tile wider than V
+    (9, 32003, 8, 12, 4, 4096),  # odd vocabulary past 32000: 8 default-width tiles, ragged tail
 ]
 
 
-@needs_interp
+@pytest.mark.parametrize("dev", FUSED_DEVICES)
 @pytest.mark.parametrize("n, v, hid, ref_hid, chunk, block", SHAPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_matches_reference(
-    monkeypatch, n, v, hid, ref_hid, chunk, block, reduction, bias, dtype
+    monkeypatch, n, v, hid, ref_hid, chunk, block, reduction, bias, dtype, dev
 ):
     monkeypatch.setattr(dmk, "_MAX_BLOCK_V", block)
-    inp = make_inputs(n, v, hid, ref_hid, dtype=dtype, bias=bias, seed=n * v, drop=(1, 4, 30))
+    inp = make_inputs(
+        n, v, hid, ref_hid, dtype=dtype, bias=bias, seed=n * v, drop=(1, 4, 30), device=dev
+    )
     compare(inp, dtype, reduction=reduction, chunk_size=chunk)
 
 
-@needs_interp
+@pytest.mark.parametrize("dev", FUSED_DEVICES)
 @pytest.mark.parametrize(
     "case", ["all_masked", "none_masked", "empty_drop", "all_dropped", "no_ignored"]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_mask_edge_cases(monkeypatch, case, dtype):
+def test_fused_mask_edge_cases(monkeypatch, case, dtype, dev):
     monkeypatch.setattr(dmk, "_MAX_BLOCK_V", 16)
-    inp = make_inputs(7, 37, 16, 12, dtype=dtype, bias=True, seed=3)
+    inp = make_inputs(7, 37, 16, 12, dtype=dtype, bias=True, seed=3, device=dev)
     if case == "all_masked":
         inp["token_mask"].fill_(True)
     elif case == "none_masked":
         inp["token_mask"].fill_(False)
     elif case == "empty_drop":
-        inp["drop_ids"] = torch.empty(0, dtype=torch.long)
+        inp["drop_ids"] = torch.empty(0, dtype=torch.long, device=dev)
     elif case == "all_dropped":
-        inp["drop_ids"] = torch.arange(37)
+        inp["drop_ids"] = torch.arange(37, device=dev)
     else:
-        inp["labels"] = torch.arange(7) % 37
+        inp["labels"] = torch.arange(7, device=dev) % 37
     got, want = compare(inp, dtype, chunk_size=3)
     if case in ("all_masked", "all_dropped"):  # KL term vanishes: plain alpha * CE
         ce = F.cross_entropy(
@@ -235,10 +253,10 @@ def test_fused_mask_edge_cases(monkeypatch, case, dtype):
         torch.testing.assert_close(got, 0.9 * ce, **TOL[dtype])
 
 
-@needs_interp
+@pytest.mark.parametrize("dev", FUSED_DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_all_labels_ignored(reduction):
-    inp = make_inputs(7, 37, 16, 12, bias=True)
+def test_fused_all_labels_ignored(reduction, dev):
+    inp = make_inputs(7, 37, 16, 12, bias=True, device=dev)
     inp["labels"].fill_(-100)
     got, _ = compare(inp, torch.float32, reduction=reduction, chunk_size=2)
     assert got.item() == 0.0
@@ -246,9 +264,9 @@ def test_fused_all_labels_ignored(reduction):
         assert torch.count_nonzero(inp[k].grad) == 0
 
 
-@needs_interp
-def test_fused_reduction_none_falls_back_to_reference():
-    inp = make_inputs(7, 37, 16, 12, bias=True)
+@pytest.mark.parametrize("dev", FUSED_DEVICES)
+def test_fused_reduction_none_falls_back_to_reference(dev):
+    inp = make_inputs(7, 37, 16, 12, bias=True, device=dev)
     got, want = compare(inp, torch.float32, reduction="none", chunk_size=2)
     assert got.shape == (7,)
 
@@ -264,6 +282,19 @@ def test_fused_dispatcher_picks_triton_under_interpret(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(AssertionError, match="reference used"):
         dual_masked_kl_ce(**inp)  # CPU tensors without the interpreter: reference
+    with pytest.raises(AssertionError, match="reference used"):
+        dual_masked_kl_ce(**inp, use_triton=False)
+
+
+@needs_cuda
+def test_fused_dispatcher_picks_triton_on_cuda(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("reference used")
+
+    inp = make_inputs(3, 11, 4, 4, device="cuda")
+    assert dmk.fused_backend(inp["h"]) == "triton"
+    monkeypatch.setattr(dmk, "dual_masked_kl_ce_reference", fail)
+    dual_masked_kl_ce(**inp)  # CUDA tensors, compiled triton: fused path
     with pytest.raises(AssertionError, match="reference used"):
         dual_masked_kl_ce(**inp, use_triton=False)
 

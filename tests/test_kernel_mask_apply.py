@@ -13,25 +13,30 @@ _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.floa
 # The Triton path runs here on CPU through the interpreter, which must be switched on before
 # triton is first imported (see tests/test_kernel_dmk_ce.py): in a plain run the interpreter
 # tests are skipped and test_triton_suite_in_subprocess reruns them (-k interp) in a fresh
-# process with TRITON_INTERPRET=1.
+# process with TRITON_INTERPRET=1. Where a GPU is present (never in CI), the same tests also run
+# the compiled kernel on CUDA (the "cuda" parameter of DEVICES; the rerun deselects those).
 needs_interp = pytest.mark.skipif(
     not ma.interpreter_ready(),
     reason="needs TRITON_INTERPRET=1 at triton import: run by test_triton_suite_in_subprocess",
 )
+COMPILED_CUDA = ma.triton is not None and not ma.interpreter_ready() and torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not COMPILED_CUDA, reason="needs a CUDA GPU (compiled Triton)")
+DEVICES = [pytest.param("cpu", marks=needs_interp), pytest.param("cuda", marks=needs_cuda)]
 
 
 @pytest.mark.skipif(ma.triton is None, reason="triton not installed")
 @pytest.mark.skipif(ma.interpreter_ready(), reason="already in interpreter mode")
 def test_triton_suite_in_subprocess():
-    rerun_under_interpreter(__file__, "interp")
+    rerun_under_interpreter(__file__, "interp and not cuda")
 
 
-def rand_mask(n: int, p: float = 0.5, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < p
+def rand_mask(n: int, p: float = 0.5, seed: int = 0, device="cpu") -> torch.Tensor:
+    return (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < p).to(device)
 
 
-def rand_buf(n: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+def rand_buf(n: int, dtype: torch.dtype, seed: int = 1, device="cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g).to(device=device, dtype=dtype)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -102,19 +107,30 @@ def test_reference_zeroes_nan_and_inf_but_keeps_them_where_kept():
     assert buf[4].item() == 1.0 and torch.isnan(buf[5])
 
 
-@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_interp)])
-def test_shape_and_size_errors_interp_and_reference(use_triton):
-    buf = torch.zeros(20)
+@pytest.mark.parametrize(
+    "use_triton, dev",
+    [
+        (False, "cpu"),
+        pytest.param(True, "cpu", marks=needs_interp),
+        pytest.param(True, "cuda", marks=needs_cuda),
+    ],
+)
+def test_shape_and_size_errors_interp_and_reference(use_triton, dev):
+    buf = torch.zeros(20, device=dev)
+
+    def u8(k, dtype=torch.uint8):
+        return torch.zeros(k, dtype=dtype, device=dev)
+
     with pytest.raises(ValueError, match="bytes"):
-        mask_apply_(buf, torch.zeros(2, dtype=torch.uint8), use_triton=use_triton)
+        mask_apply_(buf, u8(2), use_triton=use_triton)
     with pytest.raises(ValueError, match="bytes"):
-        mask_apply_(buf, torch.zeros(4, dtype=torch.uint8), use_triton=use_triton)
+        mask_apply_(buf, u8(4), use_triton=use_triton)
     with pytest.raises(ValueError, match="1-D"):
-        mask_apply_(buf.view(4, 5), torch.zeros(3, dtype=torch.uint8), use_triton=use_triton)
+        mask_apply_(buf.view(4, 5), u8(3), use_triton=use_triton)
     with pytest.raises(ValueError, match="contiguous"):
-        mask_apply_(buf[::2], torch.zeros(2, dtype=torch.uint8), use_triton=use_triton)
+        mask_apply_(buf[::2], u8(2), use_triton=use_triton)
     with pytest.raises(ValueError, match="uint8"):
-        mask_apply_(buf, torch.zeros(3, dtype=torch.int32), use_triton=use_triton)
+        mask_apply_(buf, u8(3, torch.int32), use_triton=use_triton)
     assert torch.count_nonzero(buf) == 0  # nothing was launched on a bad call
 
 
@@ -130,20 +146,21 @@ def test_dispatcher_without_interpreter_uses_reference(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernel (TRITON_INTERPRET=1 on CPU) against the reference: bit-identical
+# Triton kernel (TRITON_INTERPRET=1 on CPU; compiled on CUDA if present) against the reference:
+# bit-identical
 # ---------------------------------------------------------------------------------------------
 
 # Block 64 in the sweep: several programs, ragged tails; lengths not multiples of 8 or 64.
 LENGTHS = [1, 7, 8, 9, 63, 64, 65, 127, 129, 1000, 1027]
 
 
-@needs_interp
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_interp_matches_reference_sweep(monkeypatch, dtype):
+def test_interp_matches_reference_sweep(monkeypatch, dtype, dev):
     monkeypatch.setattr(ma, "_BLOCK", 64)
     for n in LENGTHS:
-        packed = pack_mask(rand_mask(n, p=0.3, seed=n))
-        buf = rand_buf(n, dtype, seed=n + 1)
+        packed = pack_mask(rand_mask(n, p=0.3, seed=n, device=dev))
+        buf = rand_buf(n, dtype, seed=n + 1, device=dev)
         ref = buf.clone()
         out = mask_apply_(buf, packed, use_triton=True)
         mask_apply_reference(ref, packed)
@@ -151,43 +168,45 @@ def test_interp_matches_reference_sweep(monkeypatch, dtype):
         assert torch.equal(bits(buf), bits(ref)), (n, dtype)
 
 
-@needs_interp
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_interp_default_block_and_in_place(dtype):
+def test_interp_default_block_and_in_place(dtype, dev):
     n = ma._BLOCK + 13  # two programs, the second nearly empty
-    packed = pack_mask(rand_mask(n, seed=5))
-    buf = rand_buf(n, dtype)
+    packed = pack_mask(rand_mask(n, seed=5, device=dev))
+    buf = rand_buf(n, dtype, device=dev)
     ref, ptr = buf.clone(), buf.data_ptr()
-    out = mask_apply_(buf, packed)  # dispatcher: interpreter active, so Triton
+    assert ma.mask_backend(buf) == "triton"
+    out = mask_apply_(buf, packed)  # dispatcher: interpreter active or CUDA, so Triton
     mask_apply_reference(ref, packed)
     assert out is buf and out.data_ptr() == ptr
     assert torch.equal(bits(buf), bits(ref))
 
 
-@needs_interp
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_interp_all_zero_and_all_one_masks(monkeypatch, dtype):
+def test_interp_all_zero_and_all_one_masks(monkeypatch, dtype, dev):
     monkeypatch.setattr(ma, "_BLOCK", 64)
     n = 131
-    buf = rand_buf(n, dtype)
+    buf = rand_buf(n, dtype, device=dev)
     before = buf.clone()
-    mask_apply_(buf, pack_mask(torch.ones(n, dtype=torch.bool)), use_triton=True)
+    ones = torch.ones(n, dtype=torch.bool, device=dev)
+    mask_apply_(buf, pack_mask(ones), use_triton=True)
     assert torch.equal(bits(buf), bits(before))
-    mask_apply_(buf, pack_mask(torch.zeros(n, dtype=torch.bool)), use_triton=True)
+    mask_apply_(buf, pack_mask(~ones), use_triton=True)
     assert torch.equal(bits(buf), torch.zeros_like(bits(buf)))
 
 
-@needs_interp
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_interp_nan_inf_masked_out_become_exact_zero(monkeypatch, dtype):
+def test_interp_nan_inf_masked_out_become_exact_zero(monkeypatch, dtype, dev):
     monkeypatch.setattr(ma, "_BLOCK", 64)
     n = 77
-    buf = rand_buf(n, dtype)
+    buf = rand_buf(n, dtype, device=dev)
     buf[::3] = float("nan")
     buf[1::5] = float("inf")
     buf[2::7] = -float("inf")
     buf[4::11] = -0.0
-    mask = rand_mask(n, seed=2)
+    mask = rand_mask(n, seed=2, device=dev)
     ref = buf.clone()
     mask_apply_(buf, pack_mask(mask), use_triton=True)
     mask_apply_reference(ref, pack_mask(mask))
@@ -196,12 +215,13 @@ def test_interp_nan_inf_masked_out_become_exact_zero(monkeypatch, dtype):
     assert torch.isnan(buf[mask]).any()  # kept NaNs stay NaN: only masked-out ones are cleared
 
 
-@needs_interp
-def test_interp_empty_buffer_and_unsupported_dtype():
-    empty = torch.empty(0)
-    assert mask_apply_(empty, pack_mask(torch.zeros(0, dtype=torch.bool)), use_triton=True) is empty
-    f64 = torch.ones(9, dtype=torch.float64)
-    packed = pack_mask(torch.ones(9, dtype=torch.bool))
+@pytest.mark.parametrize("dev", DEVICES)
+def test_interp_empty_buffer_and_unsupported_dtype(dev):
+    empty = torch.empty(0, device=dev)
+    no_bits = pack_mask(torch.zeros(0, dtype=torch.bool, device=dev))
+    assert mask_apply_(empty, no_bits, use_triton=True) is empty
+    f64 = torch.ones(9, dtype=torch.float64, device=dev)
+    packed = pack_mask(torch.ones(9, dtype=torch.bool, device=dev))
     with pytest.raises(ValueError, match="Triton path"):
         mask_apply_(f64, packed, use_triton=True)
     assert ma.mask_backend(f64) == "torch"  # use_triton=None: the reference handles it
