@@ -26,6 +26,7 @@ from dsunlearn.data.mllmu import (
     PARQUET_NAME,
     SCHEMA,
     TEST_DIR,
+    VAL_DIR,
     load_benchmark,
 )
 from dsunlearn.data.vocab import FACTS, IDENTITY_QUESTION, IDENTITY_QUESTIONS
@@ -33,7 +34,7 @@ from dsunlearn.errors import DataError
 
 N = 8
 PCT = 25  # 2 of 8 people are forgotten
-SPLITS = (f"forget_{PCT}", f"retain_{100 - PCT}", FULL_DIR, TEST_DIR)
+SPLITS = (f"forget_{PCT}", f"retain_{100 - PCT}", FULL_DIR, TEST_DIR, VAL_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +110,12 @@ def test_splits_are_disjoint_and_complete(bench: Path) -> None:
     ids = {s: [r["ID"] for r in _rows(bench, s)] for s in SPLITS}
     forget, retain = set(ids[SPLITS[0]]), set(ids[SPLITS[1]])
     assert len(forget) == round(N * PCT / 100) and not forget & retain
-    assert forget | retain == set(ids[FULL_DIR]) == set(ids[TEST_DIR])
+    assert forget | retain == set(ids[FULL_DIR]) == set(ids[TEST_DIR]) == set(ids[VAL_DIR])
     assert len(ids[FULL_DIR]) == len(set(ids[FULL_DIR])) == N
     info = json.loads((bench / "benchmark.json").read_text())
     assert info["forget_ids"] == ids[SPLITS[0]]
     assert (info["seed"], info["entities"], info["forget_pct"]) == (0, N, PCT)
+    assert info["splits"]["val"] == VAL_DIR
 
 
 def test_people_names_and_facts(bench: Path) -> None:

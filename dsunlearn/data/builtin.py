@@ -27,6 +27,7 @@ from dsunlearn.data.mllmu import (
     TEST_DIR,
     TYPE_IMAGE,
     TYPE_TEXT,
+    VAL_DIR,
     forget_dir,
     retain_dir,
 )
@@ -54,6 +55,7 @@ class _Person:
     identity: faces.Identity
     train_png: list[bytes]
     heldout_png: list[bytes]
+    val_png: list[bytes]
 
 
 def build_benchmark(
@@ -64,19 +66,35 @@ def build_benchmark(
     forget_pct: int = 10,
     train_images: int = 6,
     heldout_images: int = 2,
+    val_images: int = 2,
     image_size: int = 32,
 ) -> Path:
     """Write the built-in benchmark to `out_dir` (replacing it atomically) and return the path.
 
     Forget = the first round(entities * forget_pct / 100) people (at least 1, and at least 1
-    left to retain) after a seeded shuffle; retain = the others. Full_Set and Test_Set hold everyone, with training and
-    held-out renderings respectively.
+    left to retain) after a seeded shuffle; retain = the others. Full_Set, Test_Set and Val_Set
+    hold everyone, with training, held-out and validation renderings respectively.
+
+    Val_Set is what model selection may read while Test_Set stays unseen: `val_images` further
+    renderings per person (byte-distinct from the person's training and Test_Set ones) and
+    multiple-choice items with their own distractors and order. It draws from two streams of its
+    own, so the other four splits keep the bytes they had before Val_Set existed (the shipped
+    vanilla models were trained on them).
     """
-    _check_args(entities, forget_pct, train_images, heldout_images, image_size)
-    streams = np.random.SeedSequence([GENERATOR_VERSION, seed]).spawn(6)
-    rng_names, rng_facts, rng_faces, rng_split, rng_mc, rng_images = (
-        np.random.default_rng(s) for s in streams
-    )
+    _check_args(entities, forget_pct, train_images, heldout_images, val_images, image_size)
+    # spawn() keys each child by its index, so the first six are the streams of the original
+    # four splits however many follow; the last two serve Val_Set only.
+    streams = np.random.SeedSequence([GENERATOR_VERSION, seed]).spawn(8)
+    (
+        rng_names,
+        rng_facts,
+        rng_faces,
+        rng_split,
+        rng_mc,
+        rng_images,
+        rng_val_mc,
+        rng_val_images,
+    ) = (np.random.default_rng(s) for s in streams)
 
     first = rng_names.permutation(len(FIRST_NAMES))[:entities]
     last = rng_names.permutation(len(LAST_NAMES))[:entities]
@@ -93,16 +111,13 @@ def build_benchmark(
     ]
     values = {fact.key: _balanced(fact.values, entities, rng_facts) for fact in FACTS}
     identities = faces.choose_identities(entities, rng_faces)
-    image_rngs = [
-        np.random.default_rng(s)
-        for s in np.random.SeedSequence(int(rng_images.integers(2**63))).spawn(entities)
-    ]
+    image_rngs = _per_person(rng_images, entities)
+    val_rngs = _per_person(rng_val_images, entities)
 
     people = []
     for i in range(entities):
-        rng = image_rngs[i]
         renders = [
-            faces.png_bytes(faces.render_face(identities[i], rng, image_size))
+            _render(identities[i], image_rngs[i], image_size)
             for _ in range(train_images + heldout_images)
         ]
         people.append(
@@ -113,6 +128,9 @@ def build_benchmark(
                 identity=identities[i],
                 train_png=renders[:train_images],
                 heldout_png=renders[train_images:],
+                val_png=_new_renders(
+                    identities[i], val_rngs[i], val_images, image_size, taken=set(renders)
+                ),
             )
         )
 
@@ -122,8 +140,13 @@ def build_benchmark(
     retain_idx = sorted(int(i) for i in order[n_forget:])
 
     tasks = [_tasks(p, names, spare, rng_mc) for p in people]
+    val_tasks = [
+        {**t, "Classification_Task": _classification(p, names, spare, rng_val_mc, avoid=t)}
+        for p, t in zip(people, tasks, strict=True)
+    ]
     train_rows = [_row(p, t, p.train_png, "train") for p, t in zip(people, tasks, strict=True)]
     test_rows = [_row(p, t, p.heldout_png, "test") for p, t in zip(people, tasks, strict=True)]
+    val_rows = [_row(p, t, p.val_png, "val") for p, t in zip(people, val_tasks, strict=True)]
 
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
@@ -132,13 +155,17 @@ def build_benchmark(
         _write_split(tmp / retain_dir(forget_pct), [train_rows[i] for i in retain_idx])
         _write_split(tmp / FULL_DIR, train_rows)
         _write_split(tmp / TEST_DIR, test_rows)
+        _write_split(tmp / VAL_DIR, val_rows)
         info = {
-            **_params(seed, entities, forget_pct, train_images, heldout_images, image_size),
+            **_params(
+                seed, entities, forget_pct, train_images, heldout_images, val_images, image_size
+            ),
             "splits": {
                 "forget": forget_dir(forget_pct),
                 "retain": retain_dir(forget_pct),
                 "full": FULL_DIR,
                 "test": TEST_DIR,
+                "val": VAL_DIR,
             },
             "forget_ids": [people[i].id for i in forget_idx],
             "retain_ids": [people[i].id for i in retain_idx],
@@ -172,8 +199,11 @@ def _params(
     forget_pct: int,
     train_images: int,
     heldout_images: int,
+    val_images: int,
     image_size: int,
 ) -> dict[str, Any]:
+    """The generator settings that `benchmark.json` records and `ensure_benchmark` compares (a
+    folder from before Val_Set lacks `val_images`, so it is rebuilt)."""
     return {
         "generator": GENERATOR,
         "generator_version": GENERATOR_VERSION,
@@ -182,19 +212,27 @@ def _params(
         "forget_pct": forget_pct,
         "train_images": train_images,
         "heldout_images": heldout_images,
+        "val_images": val_images,
         "image_size": image_size,
     }
 
 
 def _check_args(
-    entities: int, forget_pct: int, train_images: int, heldout_images: int, image_size: int
+    entities: int,
+    forget_pct: int,
+    train_images: int,
+    heldout_images: int,
+    val_images: int,
+    image_size: int,
 ) -> None:
     if not 2 <= entities <= MAX_ENTITIES:
         raise ConfigError(f"data.entities must be between 2 and {MAX_ENTITIES}, got {entities}")
     if not 0 < forget_pct < 100:
         raise ConfigError(f"data.forget_pct must be between 1 and 99, got {forget_pct}")
-    if train_images < 1 or heldout_images < 1:
-        raise ConfigError("the built-in benchmark needs at least 1 training and 1 held-out image")
+    if train_images < 1 or heldout_images < 1 or val_images < 1:
+        raise ConfigError(
+            "the built-in benchmark needs at least 1 training, 1 held-out and 1 validation image"
+        )
     if image_size < 16:
         raise ConfigError(f"image_size must be at least 16, got {image_size}")
 
@@ -206,17 +244,83 @@ def _balanced(pool: tuple[str, ...], n: int, rng: np.random.Generator) -> list[s
     return seq[:n]
 
 
-def _mc(question: str, correct: str, pool: list[str], rng: np.random.Generator) -> dict[str, Any]:
-    """A 4-option question: `correct` plus 3 distinct distractors from `pool`, shuffled."""
+def _per_person(rng: np.random.Generator, n: int) -> list[np.random.Generator]:
+    """`n` independent streams, one per person, seeded by one draw of `rng`."""
+    root = np.random.SeedSequence(int(rng.integers(2**63)))
+    return [np.random.default_rng(s) for s in root.spawn(n)]
+
+
+def _render(identity: faces.Identity, rng: np.random.Generator, size: int) -> bytes:
+    """One new rendering of `identity`, as PNG bytes."""
+    return faces.png_bytes(faces.render_face(identity, rng, size))
+
+
+def _new_renders(
+    identity: faces.Identity, rng: np.random.Generator, n: int, size: int, taken: set[bytes]
+) -> list[bytes]:
+    """`n` renderings whose bytes are neither in `taken` nor repeated: a picture the model
+    trained on, or one Test_Set shows, must not pass for a validation picture."""
+    seen, out = set(taken), []
+    while len(out) < n:
+        png = _render(identity, rng, size)
+        if png not in seen:
+            seen.add(png)
+            out.append(png)
+    return out
+
+
+def _mc(
+    question: str,
+    correct: str,
+    pool: list[str],
+    rng: np.random.Generator,
+    avoid: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A 4-option question: `correct` plus 3 distinct distractors from `pool`, shuffled; drawn
+    again while it equals `avoid` (a validation item must not repeat its test twin)."""
     others = sorted({v for v in pool if v != correct})
-    picked = [others[int(j)] for j in rng.choice(len(others), size=3, replace=False)]
-    options = [correct, *picked]
-    perm = [int(j) for j in rng.permutation(4)]
-    shuffled = [options[j] for j in perm]
+    while True:
+        picked = [others[int(j)] for j in rng.choice(len(others), size=3, replace=False)]
+        options = [correct, *picked]
+        perm = [int(j) for j in rng.permutation(4)]
+        shuffled = [options[j] for j in perm]
+        item = {
+            "Question": question,
+            "Options": dict(zip(MC_LETTERS, shuffled, strict=True)),
+            "Correct_Answer": MC_LETTERS[perm.index(0)],
+        }
+        if item != avoid:
+            return item
+
+
+def _classification(
+    p: _Person,
+    names: list[str],
+    spare: list[str],
+    rng: np.random.Generator,
+    avoid: dict[str, Any] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """The multiple-choice items of one person: who is this, each fact from the picture, each
+    fact by name. With `avoid` (the person's tasks), every item differs from its twin there."""
+    name_pool = [n for n in names if n != p.name]
+    if len(name_pool) < 3:
+        name_pool += spare[: 3 - len(name_pool)]
+    questions = {
+        "Image_Textual_Questions": [(IDENTITY_QUESTION, p.name, name_pool)]
+        + [(f.image_question, p.facts[f.key], list(f.values)) for f in FACTS],
+        "Pure_Text_Questions": [
+            (f.text_question.format(name=p.name), p.facts[f.key], list(f.values)) for f in FACTS
+        ],
+    }
+    twins = avoid["Classification_Task"] if avoid else {}
     return {
-        "Question": question,
-        "Options": dict(zip(MC_LETTERS, shuffled, strict=True)),
-        "Correct_Answer": MC_LETTERS[perm.index(0)],
+        kind: [
+            _mc(q, correct, pool, rng, twin)
+            for (q, correct, pool), twin in zip(
+                specs, twins.get(kind, [None] * len(specs)), strict=True
+            )
+        ]
+        for kind, specs in questions.items()
     }
 
 
@@ -228,15 +332,7 @@ def _tasks(
     metadata = [{"Question": q, "Answer": p.name} for q in IDENTITY_QUESTIONS] + [
         {"Question": f.image_question, "Answer": p.facts[f.key]} for f in FACTS
     ]
-    name_pool = [n for n in names if n != p.name]
-    if len(name_pool) < 3:
-        name_pool += spare[: 3 - len(name_pool)]
-    mc_image = [_mc(IDENTITY_QUESTION, p.name, name_pool, rng)] + [
-        _mc(f.image_question, p.facts[f.key], list(f.values), rng) for f in FACTS
-    ]
-    mc_text = [
-        _mc(f.text_question.format(name=p.name), p.facts[f.key], list(f.values), rng) for f in FACTS
-    ]
+    classification = _classification(p, names, spare, rng)
     gen = (
         [{"Type": TYPE_IMAGE, "Question": IDENTITY_QUESTION, "Ground_Truth": p.name}]
         + [
@@ -270,10 +366,7 @@ def _tasks(
     return {
         "biography": json.dumps(bio),
         "metadata": json.dumps(metadata),
-        "Classification_Task": {
-            "Image_Textual_Questions": mc_image,
-            "Pure_Text_Questions": mc_text,
-        },
+        "Classification_Task": classification,
         "Generation_Task": gen,
         "Mask_Task": cloze,
     }

@@ -28,10 +28,18 @@ Facts and their sources:
 The loader accepts `datasets`-written parquet (Image structs {bytes, path}), several shards, list
 columns stored as JSON strings, and any column order. Every problem is a one-line `DataError`
 that names the config and the column.
+
+Validation and test (`load_clear(..., split="val" | "test")`): CLEAR has no validation split, so
+a seeded hash cuts every config's rows. A row's key is the sha256 of its picture's file bytes,
+or its question for a row without a picture (the `+tofu` text rows); the row is a validation row
+iff `int(sha256(f"{seed}|{key}").hexdigest()[:8], 16) % 100 < val_pct`, a test row otherwise.
+The key holds no config name, so the same picture in `forgetXX`, `forgetXX_perturbed`,
+`forgetXX+tofu` and `full` is on the same side everywhere. `split_rule` says it in words.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +49,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
+from dsunlearn.data.benchmark import check_split, check_val_pct
 from dsunlearn.data.parquet import (
     decode_image,
     is_image,
@@ -214,13 +223,25 @@ class ClearSplit:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_clear(path_or_hub_id: str, config: str) -> ClearSplit:
-    """Load one CLEAR config from a local folder (the hub repo's layout) or a hub id.
+def load_clear(
+    path_or_hub_id: str,
+    config: str,
+    split: str | None = None,
+    val_pct: int = 20,
+    seed: int = 0,
+) -> ClearSplit:
+    """Load one CLEAR config from a local folder (the hub repo's layout) or a hub id: every row
+    (`split` None), or only the rows the seeded hash of the module docstring puts in "val" or
+    "test" (`val_pct` percent of them go to "val").
 
-    Every problem (unknown config, missing config folder, missing or mistyped column, malformed
-    JSON list, undecodable image, hub unreachable) is a one-line `DataError`.
+    Every problem (unknown config or split, val_pct outside 1..99, missing config folder,
+    missing or mistyped column, malformed JSON list, undecodable image, hub unreachable) is a
+    one-line `DataError`.
     """
     kind = config_kind(config)
+    if split is not None:
+        check_split(split)
+        check_val_pct(val_pct)
     where = f"{path_or_hub_id.rstrip('/')}/{config}"
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
@@ -233,8 +254,41 @@ def load_clear(path_or_hub_id: str, config: str) -> ClearSplit:
         raise DataError(f"data path not found: {path_or_hub_id}")
     out = ClearSplit(config=config, kind=kind, source=str(path_or_hub_id))
     for i, row in enumerate(table.to_pylist()):
-        _add_row(out, row, f"{where} row {i}")
+        here = f"{where} row {i}"
+        if split is None or (split == "val") == in_val(row, val_pct, seed, here):
+            _add_row(out, row, here)
     return out
+
+
+def split_rule(val_pct: int, seed: int) -> str:
+    """The rule `load_clear(..., split=...)` applies, in words, for the report."""
+    return (
+        f"hash: int(sha256('{seed}|' + sha256(picture bytes), or the question of a text-only "
+        f"row)[:8 hex], 16) % 100 < {val_pct} -> validation (about {val_pct}% of the rows, the "
+        "same picture on the same side in every config), the rest -> test"
+    )
+
+
+def in_val(row: dict[str, Any], val_pct: int, seed: int, where: str) -> bool:
+    """Whether a raw row (its Image struct undecoded) is a validation row."""
+    key = f"{seed}|{_row_key(row, where)}".encode()
+    return int(hashlib.sha256(key).hexdigest()[:8], 16) % 100 < val_pct
+
+
+def _row_key(row: dict[str, Any], where: str) -> str:
+    """The sha256 of the row's picture file, or its question when it has no picture."""
+    image = row.get("image")  # a raw Image struct {bytes, path}
+    if image is None:
+        return _str(row, "question", where)
+    raw = image.get("bytes")
+    if not raw and image.get("path"):
+        try:
+            raw = Path(image["path"]).read_bytes()
+        except OSError as e:
+            raise DataError(f"{where}: unreadable image file ({short_error(e)})") from e
+    if not raw:
+        raise DataError(f"{where}: column 'image' holds no image")
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _read_local(folder: Path, kind: str) -> pa.Table:

@@ -1,10 +1,12 @@
 """MLLMU-Bench's layout and schema, and the one loader for it (built-in or real, local or hub).
 
-Layout: `forget_{pct}/`, `retain_{100-pct}/`, `Full_Set/`, `Test_Set/` and (real benchmark only)
-`Retain_Set/` (celebrities), each holding parquet files with one row per person. The built-in
-generator writes exactly `SCHEMA`; the loader also accepts the variations the published dataset
-may use (nested task columns stored as JSON strings, no `images` column outside Test_Set,
-several parquet shards, no "Name" in the biography).
+Layout: `forget_{pct}/`, `retain_{100-pct}/`, `Full_Set/`, `Test_Set/`, (real benchmark only)
+`Retain_Set/` (celebrities) and (built-in only) `Val_Set/` (validation pictures and MC items),
+each holding parquet files with one row per person. The built-in generator writes exactly
+`SCHEMA`; the loader also accepts the variations the published dataset may use (nested task
+columns stored as JSON strings, no `images` column outside Test_Set, several parquet shards, no
+"Name" in the biography). How validation and test are told apart: `Benchmark.split` (the rule
+is in dsunlearn/data/benchmark.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from dsunlearn.data.benchmark import Benchmark, EntityRecord, GenItem, MCItem
+from dsunlearn.data.benchmark import Benchmark, EntityRecord, GenItem, MCItem, check_val_pct
+from dsunlearn.data.benchmark import split_records as split_records  # for Retain_Set callers
 from dsunlearn.data.parquet import (
     decode_image,
     is_image,
@@ -33,6 +36,7 @@ from dsunlearn.errors import DataError
 
 FULL_DIR = "Full_Set"
 TEST_DIR = "Test_Set"
+VAL_DIR = "Val_Set"  # built-in only: other pictures and MC options, for model selection
 CELEBRITY_DIR = "Retain_Set"  # real celebrities: known before fine-tuning, must be kept
 PARQUET_NAME = "train-00000-of-00001.parquet"  # the hub's name for a single-shard split
 MC_LETTERS = ("A", "B", "C", "D")
@@ -128,14 +132,19 @@ _REQUIRED_TRAIN = (*_REQUIRED, "metadata")
 # ---------------------------------------------------------------------------------------------
 
 
-def load_benchmark(path_or_hub_id: str, forget_pct: int = 10) -> Benchmark:
-    """Load forget, retain and Test_Set of an MLLMU-Bench-shaped benchmark.
+def load_benchmark(
+    path_or_hub_id: str, forget_pct: int = 10, val_pct: int = 20, split_seed: int = 0
+) -> Benchmark:
+    """Load forget, retain, Test_Set and, where there is one, Val_Set of an MLLMU-Bench-shaped
+    benchmark.
 
     `path_or_hub_id` is a local folder (built-in or downloaded MLLMU-Bench) or a hub id such as
-    `MLLMMU/MLLMU-Bench`. Every problem is a one-line `DataError`.
+    `MLLMMU/MLLMU-Bench`. `val_pct` and `split_seed` set the hash rule that `Benchmark.split`
+    uses when there is no Val_Set. Every problem is a one-line `DataError`.
     """
     if not 0 < forget_pct < 100:
         raise DataError(f"forget_pct must be between 1 and 99, got {forget_pct}")
+    check_val_pct(val_pct)
     folders = {
         "forget": forget_dir(forget_pct),
         "retain": retain_dir(forget_pct),
@@ -152,13 +161,17 @@ def load_benchmark(path_or_hub_id: str, forget_pct: int = 10) -> Benchmark:
                     f"{folders['forget']}/, {folders['retain']}/ and {TEST_DIR}/)"
                 )
         tables = {k: _read_local(path / folder, k != "test") for k, folder in folders.items()}
+        val_table = _read_local(path / VAL_DIR, False) if (path / VAL_DIR).is_dir() else None
     elif looks_like_hub_id(path_or_hub_id):
         tables = {
             k: _read_hub(path_or_hub_id, folder, k != "test") for k, folder in folders.items()
         }
+        val_table = _read_hub(path_or_hub_id, VAL_DIR, False, optional=True)
     else:
         raise DataError(f"data path not found: {path_or_hub_id}")
 
+    if val_table is not None:
+        tables["val"], folders["val"] = val_table, VAL_DIR
     splits = {
         k: _records(ds, f"{path_or_hub_id.rstrip('/')}/{folders[k]}") for k, ds in tables.items()
     }
@@ -173,6 +186,10 @@ def load_benchmark(path_or_hub_id: str, forget_pct: int = 10) -> Benchmark:
         test=splits["test"],
         source=str(path_or_hub_id),
         forget_pct=forget_pct,
+        val=splits.get("val", []),
+        val_folder=VAL_DIR if "val" in splits else "",
+        val_pct=val_pct,
+        split_seed=split_seed,
     )
 
 
@@ -199,13 +216,16 @@ def _read_local(folder: Path, train_split: bool) -> Any:
     )
 
 
-def _read_hub(hub_id: str, folder: str, train_split: bool) -> Any:
-    """Load one split folder of a hub dataset; any failure becomes one DataError line."""
+def _read_hub(hub_id: str, folder: str, train_split: bool, optional: bool = False) -> Any:
+    """Load one split folder of a hub dataset; any failure becomes one DataError line, except
+    that an `optional` folder the dataset does not have gives None."""
     import datasets
 
     try:  # progress bars stay on: the real dataset is a large download
         ds = datasets.load_dataset(hub_id, data_dir=folder, split="train")
     except Exception as e:  # offline, unknown repo, gated, missing folder...
+        if optional and isinstance(e, FileNotFoundError):  # datasets' "no data files there"
+            return None
         raise DataError(
             f"cannot load '{hub_id}' from the Hugging Face hub: {short_error(e)}"
         ) from e

@@ -33,7 +33,9 @@ def prepare_benchmark(cfg: DataConfig, info: DistInfo):
         if info.is_main:
             ensure_benchmark(path, seed=cfg.seed, entities=cfg.entities, forget_pct=cfg.forget_pct)
         barrier()
-    bench = load_benchmark(path, forget_pct=cfg.forget_pct)
+    bench = load_benchmark(
+        path, forget_pct=cfg.forget_pct, val_pct=cfg.val_pct, split_seed=cfg.split_seed
+    )
     bench.appearance = read_appearances(path) if Path(path).is_dir() else {}
     return bench
 
