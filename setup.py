@@ -21,9 +21,14 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.15",
 ]
 
+# report_to=[wandb]: offline runs; reinit="create_new" (a fresh run per open) needs 0.19.10.
+# About 22 MB of wheels (wandb's own 20 MB, with its wandb-core binary) and 20 small packages.
+TRACKING = ["wandb>=0.19.10"]
+
 EXTRAS_REQUIRE = {
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff==0.17.6"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff==0.17.6", *TRACKING],
     "gpu": ["flash-attn>=2.6", "liger-kernel>=0.6"],
+    "tracking": TRACKING,
 }
 
 setup(

@@ -88,3 +88,18 @@ def optimizer_step(
     if before_step is not None:
         before_step(engine)
     engine.step()
+
+
+def step_scalars(engine) -> dict[str, float]:
+    """What to track after `engine.step()`: the current learning rate (`lr`, the first param
+    group's) and, once DeepSpeed computed it, the global gradient norm of the last step before
+    clipping (`grad_norm`, the same on every rank). A value DeepSpeed does not have (no optimizer,
+    no step yet) is left out."""
+    out: dict[str, float] = {}
+    lrs = engine.get_lr()
+    if lrs and lrs[0] is not None:
+        out["lr"] = float(lrs[0])
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        out["grad_norm"] = float(norm)  # a tensor under some ZeRO stages; float() syncs once
+    return out
