@@ -22,6 +22,13 @@ one bf16 buffer of 2**31 + 1029 elements (int64 indexing).
 
 Inputs are random (fresh per case, on the device), logits of std `logit_std`. Writes one JSON
 (--out) and prints a table.
+
+    python3 benchmarks/gpu_check.py --profile-dmk dmk_profile.json
+
+instead times, at bench_dmk_ce.py's inputs (bf16, H=4096, N=8192, V=32000 and 151936), one
+forward+backward of eager and of the fused op as shipped and with two what-if settings (1024-row
+chunks; TF32 allowed for its fp32 grad_weight matmul), and splits one fused step's GPU time by
+kernel with torch.profiler: where the fused op's time goes.
 """
 
 from __future__ import annotations
@@ -298,18 +305,136 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def _median_ms(fn, device, warmup=2, reps=5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    if "dmk_ce_row_kernel" in low:
+        return "triton row kernel"
+    if any(t in low for t in ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "cublas")):
+        return "matmul"
+    return "other (casts, copies, reductions, elementwise)"
+
+
+def profile_dmk(out: Path, device: torch.device, quick: bool) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_dmk_ce as bench
+    from torch.profiler import ProfilerActivity, profile
+
+    hid, dtype = (4096, torch.bfloat16) if not quick else (32, torch.float32)
+    sizes = [(32000, 8192), (151936, 8192)] if not quick else [(300, 17)]
+    result = dict(
+        benchmark="dmk_profile",
+        command="benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
+        machine=machine(device),
+        date=time.strftime("%Y-%m-%d"),
+        timing="median of 5 forward+backward steps after 2 warm-ups, CUDA events",
+        rows=[],
+    )
+    for vocab, n in sizes:
+        x = bench.make_inputs(n, vocab, hid, dtype, device)
+
+        def ours(chunk=None, x=x):
+            return bench.step(
+                lambda y: dmk.dual_masked_kl_ce(
+                    *bench._args(y), y["drop_ids"], chunk_size=chunk, use_triton=True
+                ),
+                x,
+            )
+
+        row = dict(V=vocab, N=n, H=hid, dtype=str(dtype).removeprefix("torch."))
+        row["default_chunk_rows"] = dmk._default_chunk(n, vocab)
+        row["eager_ms"] = _median_ms(lambda x=x: bench.step(bench.eager_loss, x), device)
+        row["ours_ms"] = _median_ms(ours, device)
+        chunk1024 = min(n, 1024)
+        row["ours_chunk1024_ms"] = _median_ms(lambda c=chunk1024: ours(c), device)
+        if device.type == "cuda":
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                row["ours_tf32_ms"] = _median_ms(ours, device)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            ours()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        evts = list(prof.key_averages())
+        if device.type == "cuda":  # GPU kernels only (CPU ops also carry their kernels' time)
+            evts = [e for e in evts if "CUDA" in str(getattr(e, "device_type", ""))]
+        kernels = []
+        for e in evts:
+            t = getattr(e, "device_time_total", None)
+            if t is None:
+                t = getattr(e, "cuda_time_total", 0)
+            if t > 0:
+                kernels.append(dict(name=e.key[:120], calls=e.count, ms=t / 1e3))
+        for key in ("device_time_total", "cuda_time_total", "cpu_time_total"):
+            try:
+                row["profiler_table"] = prof.key_averages().table(sort_by=key, row_limit=15)
+                break
+            except Exception:  # noqa: BLE001 - the sort key's name differs across versions
+                continue
+        kernels.sort(key=lambda k: -k["ms"])
+        by_kind: dict[str, float] = {}
+        for k in kernels:
+            by_kind[_kind(k["name"])] = by_kind.get(_kind(k["name"]), 0.0) + k["ms"]
+        row["profile_one_step_ms_by_kind"] = {k: round(v, 2) for k, v in by_kind.items()}
+        row["profile_top_kernels"] = kernels[:12]
+        result["rows"].append(row)
+        print(
+            f"V={vocab} N={n}: eager {row['eager_ms']:.1f} ms, ours {row['ours_ms']:.1f} ms "
+            f"(chunk {row['default_chunk_rows']} rows), ours chunk 1024 "
+            f"{row['ours_chunk1024_ms']:.1f} ms, ours tf32 {row.get('ours_tf32_ms', math.nan):.1f}"
+            f" ms; one fused step by kind: {row['profile_one_step_ms_by_kind']}",
+            flush=True,
+        )
+        for k in kernels[:8]:
+            print(f"    {k['ms']:9.2f} ms {k['calls']:5d}x {k['name']}", flush=True)
+        if not kernels:
+            print(row.get("profiler_table", "no profiler table"), flush=True)
+        del x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU dry run)")
     ap.add_argument("--skip-big-mask", action="store_true", help="no 2**31-element buffer")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu_check.json"))
+    ap.add_argument("--profile-dmk", metavar="JSON", help="time/profile the fused op instead")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but torch.cuda.is_available() is False")
     if device.type == "cpu" and not dmk.interpreter_ready():
         sys.exit("on CPU, run with TRITON_INTERPRET=1 (set before Python starts)")
+    if args.profile_dmk:
+        profile_dmk(Path(args.profile_dmk), device, args.quick)
+        return
     cases = QUICK_DMK_CASES if args.quick else DMK_CASES
     lengths = QUICK_MASK_LENGTHS if args.quick else MASK_LENGTHS
     big = not (args.quick or args.skip_big_mask)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check of the two Triton kernels in one run (made for one call of a lent GPU machine):
 # the machine, the correctness sweep (benchmarks/gpu_check.py), the kernel tests on CUDA, both
-# benchmarks, the fused op's error table, and, if time is left, torch.compile at two sizes.
+# benchmarks, the fused op's error table, a profile of the fused op (gpu_check.py --profile-dmk)
+# and, if time is left, torch.compile at two sizes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root, on a GPU machine
 #
 # Everything lands in $OUT (default benchmarks/results/gpu_run): gpu_check_h200.json,
 # mask_apply_h200.json, dmk_ce_h200.json, dmk_ce_h200.png, dmk_ce_errors_h200.json,
-# dmk_ce_h200_compile.json and the whole log, gpu_check_h200.log. Each step has its own time cap
+# dmk_profile_h200.json, dmk_ce_h200_compile.json and the whole log, gpu_check_h200.log (8 files). Each step has its own time cap
 # so that one hung or failed step leaves the others' results; BUDGET_S (default 370) bounds the
 # whole run (the optional compile step only runs inside it).
 set -u
@@ -49,6 +50,7 @@ torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
         --out "$OUT/dmk_ce_h200.json" --plot "$OUT/dmk_ce_h200.png"
     step dmk_errors 60 $PY benchmarks/dmk_ce_errors.py &&
         cp benchmarks/results/dmk_ce_errors_cuda.json "$OUT/dmk_ce_errors_h200.json"
+    step dmk_profile 90 $PY benchmarks/gpu_check.py --profile-dmk "$OUT/dmk_profile_h200.json"
     local left=$((BUDGET_S - $(elapsed)))
     if [ "$left" -gt 60 ]; then
         step dmk_compile "$left" $PY benchmarks/bench_dmk_ce.py --device cuda \
