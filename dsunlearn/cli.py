@@ -60,14 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="evaluate a model folder on a benchmark, by the benchmark's own protocol",
         description="Score a model on a benchmark with that benchmark's own metrics "
-        "(dsunlearn/eval/protocols.py, mllmu_protocol.py) and write report.json/md/png. "
+        "(dsunlearn/eval/benchmarks/) and write report.json/md/png. "
         "Every benchmark adds min-k%% membership inference. builtin: the demo's metrics "
         "(multiple choice, ROUGE-L, SIU's eff/gen/flu/div); mllmu: MLLMU-Bench's letter "
         "multiple choice (zero/few-shot), ROUGE-L, BLEU and cloze on the forget, test, retain "
         "and celebrity sets, image and text questions; clear: CLEAR's name multiple choice, "
         "caption and text-QA ROUGE-L, real_faces/real_world; mmubench: eff/gen/div/flu, "
         "jailbreak leak rate (rule judge), MIA ROUGE-L recall and C-Dis (these two need "
-        "--vanilla).",
+        "--vanilla). With --gold, every row gets its forget quality (KS test of truth ratios "
+        "against the gold model's) and its gap to gold.",
     )
     ev.add_argument(
         "--benchmark",
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--vanilla",
         help="the original model folder: its row is reported too, and it is the reference "
         "of flu, MMUBench's MIA and C-Dis",
+    )
+    ev.add_argument(
+        "--gold",
+        help="the gold model folder (trained without the forget pictures: `dsunlearn learn "
+        "gold=true`): its row is reported, and every other row's forget quality and gap to it",
+    )
+    ev.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "val"],
+        help="the benchmark's test split (default) or its validation split",
     )
     ev.add_argument(
         "--forget-pct",
@@ -164,10 +176,8 @@ def run(args: argparse.Namespace) -> None:
 
         run_unlearn(load_config(UnlearnConfig, args.config, args.overrides))
     elif args.command == "eval":
-        from dsunlearn.eval.protocols import check_benchmark
         from dsunlearn.recipes.evaluate_model import run_eval
 
-        check_benchmark(args.benchmark)
         eval_cfg = from_dict(EvalConfig, apply_overrides({}, args.overrides))
         data = DataConfig(path=args.data, forget_pct=args.forget_pct)
         run_eval(
@@ -177,6 +187,8 @@ def run(args: argparse.Namespace) -> None:
             args.out,
             vanilla_dir=args.vanilla,
             benchmark=args.benchmark,
+            gold_dir=args.gold,
+            split=args.split,
         )
     elif args.command == "saliency":
         from dsunlearn.config import SaliencyConfig

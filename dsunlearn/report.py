@@ -13,8 +13,24 @@ from dsunlearn.fsutil import atomic_path, write_json_atomic, write_text_atomic
 
 REQUIRED_KEYS = ("vanilla", "methods", "chance", "world_size", "elapsed_s")
 # method_info: method name -> facts about its run (e.g. SIU's images); benchmark: which
-# benchmark and protocol `dsunlearn eval` scored ({"name": ..., ...}); judge: the jailbreak judge.
-OPTIONAL_KEYS = ("method_info", "benchmark", "judge")
+# benchmark and protocol scored the rows ({"name": ..., "split_rule": ..., ...}); judge: the
+# jailbreak judge; gold: the gold model's row (gold_model: its folder); vs_gold: row name ->
+# {"forget_quality": {p_value, ks_statistic, n, ...}, "gap": {metric: row - gold}}; val: the
+# reference rows on the validation split; curves: method -> [{"step": N, metric: value}] on the
+# validation split; selection: method -> the selected step and why; timing: method -> seconds.
+OPTIONAL_KEYS = (
+    "method_info",
+    "benchmark",
+    "judge",
+    "gold",
+    "gold_model",
+    "vs_gold",
+    "val",
+    "curves",
+    "selection",
+    "timing",
+    "resumed",
+)
 # Metrics that are not scores in [0, 1] (flu is a perplexity, >= 1, lower is better): the chart
 # draws them in a panel of their own. Any other metric with a value outside [0, 1] goes there too.
 UNBOUNDED_METRICS = ("flu",)
@@ -27,10 +43,16 @@ def validate_report(report: dict[str, Any]) -> None:
         raise ValueError(f"report is missing keys: {missing}")
     if not isinstance(report["vanilla"], dict) or not isinstance(report["methods"], dict):
         raise ValueError("report 'vanilla' and 'methods' must be mappings")
-    for name, metrics in [("vanilla", report["vanilla"]), *report["methods"].items()]:
+    for name, metrics in _rows(report).items():
         for key, value in metrics.items():
             if not isinstance(value, (int, float)):
                 raise ValueError(f"report metric {name}.{key} is not a number: {value!r}")
+    for name, verdict in report.get("vs_gold", {}).items():
+        if not isinstance(verdict, dict) or not isinstance(verdict.get("gap", {}), dict):
+            raise ValueError(f"report vs_gold.{name} must be a mapping with a 'gap' mapping")
+    for name, curve in report.get("curves", {}).items():
+        if not isinstance(curve, list) or not all("step" in point for point in curve):
+            raise ValueError(f"report curves.{name} must be a list of points with a 'step'")
     bench = report.get("benchmark", {"name": ""})
     if not isinstance(bench, dict) or not isinstance(bench.get("name"), str):
         raise ValueError("report 'benchmark' must be a mapping with a string 'name'")
@@ -56,10 +78,21 @@ def _fmt(v: Any) -> str:
 MAX_METRIC_COLUMNS = 16
 
 
+def _rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every model's row: vanilla, gold (when the report has one), then the methods."""
+    gold = {"gold": report["gold"]} if "gold" in report else {}
+    return {"vanilla": report["vanilla"], **gold, **report["methods"]}
+
+
 def report_table(report: dict[str, Any]) -> str:
-    """A markdown table: one row per model (vanilla first), one column per metric; transposed
-    (one row per metric) past `MAX_METRIC_COLUMNS` metrics, without an empty vanilla column."""
-    rows = {"vanilla": report["vanilla"], **report["methods"]}
+    """A markdown table: one row per model (vanilla, gold, then the methods), one column per
+    metric; transposed past `MAX_METRIC_COLUMNS` metrics, without an empty vanilla column."""
+    return markdown_table(_rows(report))
+
+
+def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
+    """One row per model, one column per metric; one row per metric past
+    `MAX_METRIC_COLUMNS` metrics (an empty vanilla row is left out then)."""
     metrics: list[str] = []
     for m in rows.values():
         metrics += [k for k in m if k not in metrics]
@@ -118,12 +151,108 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
             text += f"- not computed: {key} ({why})\n"
         if report["benchmark"].get("notes") or report["benchmark"].get("omitted"):
             text += "\n"
+    rule = report.get("benchmark", {}).get("split_rule")
+    if rule:
+        text += f"Validation / test split: {rule}.\n\n"
     text += report_table(report) + "\n"
+    verdicts = gold_table(report)
+    if verdicts:
+        text += (
+            "\n## Against the gold model\n\nForget quality: the KS-test p-value between the "
+            "row's and the gold model's truth ratios over the forget items (n items; high = "
+            "indistinguishable from a model that never saw the forget pictures). Gap: the row "
+            "minus gold.\n\n" + verdicts + "\n"
+        )
+    selection = selection_table(report)
+    if selection:
+        text += (
+            "\n## Selected steps\n\nChosen on the validation split only; the table above is "
+            "the test split at these steps (curves: curves.png).\n\n" + selection + "\n"
+        )
     images = images_table(report)
     if images:
         text += "\n## SIU images\n\nThe one training image each method fine-tuned on.\n\n"
         text += images + "\n"
     return text
+
+
+def gold_table(report: dict[str, Any]) -> str:
+    """Forget quality and the gaps to gold of every row, as a markdown table; "" without gold."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, verdict in report.get("vs_gold", {}).items():
+        q = verdict.get("forget_quality", {})
+        row: dict[str, Any] = {}
+        if q:
+            row.update({"forget_quality": q["p_value"], "ks": q["ks_statistic"], "n": q["n"]})
+            row["median_truth_ratio"] = q["median_truth_ratio"]
+        row.update({f"gap {k}": v for k, v in verdict.get("gap", {}).items()})
+        rows[name] = row
+    return markdown_table({"vanilla": {}, **rows}) if rows else ""
+
+
+def selection_table(report: dict[str, Any]) -> str:
+    """Per method: the rule, the selected step, the steps run and why; "" when none."""
+    sel = report.get("selection", {})
+    if not any(
+        s.get("criterion") not in (None, "last") or s.get("steps_run") for s in sel.values()
+    ):
+        return ""
+    lines = ["| method | criterion | selected step | steps run | reason |", "|---|---|---|---|---|"]
+    for name, s in sel.items():
+        run = f"{s.get('steps_run', s.get('step'))}" + (
+            " (early stop)" if s.get("early_stopped") else ""
+        )
+        lines.append(
+            f"| {name} | {s.get('criterion')} | {s.get('step')} | {run} | {s.get('reason', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> None:
+    """The validation curves: one panel per metric, one line per method, the vanilla and gold
+    models' validation values as dashed lines, each method's selected step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {m: c for m, c in report.get("curves", {}).items() if c}
+    metrics: list[str] = []
+    for c in curves.values():
+        metrics += [k for k in c[0] if k != "step" and k not in metrics]
+    cols = min(3, max(1, len(metrics)))
+    nrows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    refs = report.get("val", {})
+    for ax, key in zip(axes.flat, metrics, strict=False):
+        for i, (method, curve) in enumerate(curves.items()):
+            xs = [p["step"] for p in curve if key in p]
+            ax.plot(
+                xs,
+                [p[key] for p in curve if key in p],
+                marker="o",
+                ms=3,
+                color=f"C{i}",
+                label=method,
+            )
+            chosen = report.get("selection", {}).get(method, {}).get("step")
+            hit = [p[key] for p in curve if p["step"] == chosen and key in p]
+            if hit:
+                ax.plot([chosen], hit, marker="*", ms=11, color=f"C{i}")
+        for ref, style in (("vanilla", "--"), ("gold", ":")):
+            if key in refs.get(ref, {}):
+                ax.axhline(refs[ref][key], color="black", linestyle=style, linewidth=1, label=ref)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper right")
+    fig.suptitle("validation curves (star: selected step)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _is_unbounded(name: str, values: list[float]) -> bool:
@@ -142,7 +271,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {"vanilla": report["vanilla"], **report["methods"]}
+    rows = _rows(report)
     metrics: list[str] = []
     for m in rows.values():
         metrics += [k for k in m if k not in metrics and isinstance(m[k], (int, float))]
@@ -256,6 +385,8 @@ def write_report(run_dir: str | Path, report: dict[str, Any], title: str = "dsun
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plot_report(report, run_dir / "report.png")
+    if any(report.get("curves", {}).values()):
+        plot_curves(report, run_dir / "curves.png")
     write_text_atomic(run_dir / "report.md", report_markdown(report, title))
     write_json_atomic(run_dir / "report.json", report)  # last: its presence means complete
     return run_dir / "report.json"

@@ -9,7 +9,10 @@ import math
 import pytest
 import torch
 
-from dsunlearn.eval import protocols as P
+from dsunlearn.eval.benchmarks import builtin as B
+from dsunlearn.eval.benchmarks import clear as C
+from dsunlearn.eval.benchmarks import membership
+from dsunlearn.eval.benchmarks import mmubench as U
 from dsunlearn.eval.judge import JUDGE_NAME
 from dsunlearn.eval.mia import concept_kl
 from dsunlearn.report import validate_report
@@ -26,7 +29,7 @@ CLEAR_KEYS = {
     "retain_caption_rouge_l",
     "forget_text_qa_rouge_l",
     "retain_text_qa_rouge_l",
-    P.CLEAR_MIA_KEY,
+    C.MIA_KEY,
 }
 MMU_KEYS = {
     "eff",
@@ -36,7 +39,7 @@ MMU_KEYS = {
     "jailbreak_leak_rate",
     "jailbreak_multilingual_leak_rate",
     "jailbreak_multi_hop_leak_rate",
-    P.MMU_MIA_KEY,
+    U.MIA_KEY,
 }
 BUILTIN_KEYS = {
     "forget_vqa_acc",
@@ -51,7 +54,7 @@ BUILTIN_KEYS = {
     "gen",
     "div",
     "flu",
-    P.MIA_KEY,
+    B.MIA_KEY,
 }
 
 
@@ -96,7 +99,7 @@ def test_clear(tmp_path, clear_dir, random_vanilla):
     assert report["benchmark"]["forget_pct"] == 10
     assert "forget10_perturbed" in report["benchmark"]["configs"]
     assert "Benchmark: clear" in md and "forget_name_mc_acc" in md
-    _assert_mia(report, P.CLEAR_MIA_KEY)
+    _assert_mia(report, C.MIA_KEY)
 
 
 def test_mmubench_with_vanilla(tmp_path, mmu_dir, random_vanilla):
@@ -115,7 +118,7 @@ def test_mmubench_with_vanilla(tmp_path, mmu_dir, random_vanilla):
     for key in MMU_KEYS - {"flu"}:
         assert _unit(row[key]), (key, row[key])
     assert row["flu"] >= 1.0
-    _assert_mia(report, P.MMU_MIA_KEY)
+    _assert_mia(report, U.MIA_KEY)
 
 
 def test_mmubench_without_vanilla_says_what_is_omitted(tmp_path, mmu_dir, random_vanilla):
@@ -124,14 +127,14 @@ def test_mmubench_without_vanilla_says_what_is_omitted(tmp_path, mmu_dir, random
     assert set(row) == MMU_KEYS and report["vanilla"] == {}
     assert set(report["benchmark"]["omitted"]) == {"mia_rouge_l_recall", "c_dis"}
     assert "not computed: c_dis" in md
-    _assert_mia(report, P.MMU_MIA_KEY)
+    _assert_mia(report, U.MIA_KEY)
 
 
 def _assert_mia(report: dict, key: str) -> None:
     (row,) = report["methods"].values()
     assert _unit(row[key]), (key, row[key])
     mia = report["benchmark"]["mia"]
-    assert mia["key"] == key and mia["k_pct"] == P.MINK_K
+    assert mia["key"] == key and mia["k_pct"] == membership.MINK_K
     assert mia["members"] > 0 and mia["nonmembers"] > 0
 
 
@@ -139,9 +142,9 @@ def test_builtin_adds_membership_inference(tmp_path, small_bench, random_vanilla
     report, _ = _eval(tmp_path, "builtin", random_vanilla, small_bench)
     (row,) = report["methods"].values()
     assert set(row) == BUILTIN_KEYS
-    assert _unit(row[P.MIA_KEY])
+    assert _unit(row[B.MIA_KEY])
     mia = report["benchmark"]["mia"]
-    assert mia["key"] == P.MIA_KEY and mia["members"] > 0 and mia["nonmembers"] > 0
+    assert mia["key"] == B.MIA_KEY and mia["members"] > 0 and mia["nonmembers"] > 0
     assert "judge" not in report
 
 
@@ -150,24 +153,28 @@ def _image_bytes(image) -> bytes:
 
 
 def test_clear_mia_sets_pair_each_picture_with_true_and_perturbed_captions(clear_dir):
-    from dsunlearn.config import EvalConfig
+    from dsunlearn.config import DataConfig, EvalConfig
     from dsunlearn.data import clear
 
-    rows = clear.load_clear(str(clear_dir), "forget10_perturbed").captions
-    sets = P.clear_mia_sets(str(clear_dir), 10, EvalConfig(max_items=0))
+    def mia_sets(max_items: int):
+        data = DataConfig(path=str(clear_dir), forget_pct=10)
+        return C.ClearProtocol(data, EvalConfig(max_items=max_items)).mia_sets("forget10", "test")
+
+    rows = clear.load_clear(str(clear_dir), "forget10_perturbed", split="test").captions
+    sets = mia_sets(0)
     assert rows and all(r.perturbed_captions for r in rows)
     assert len(sets.members) == len(rows)
     assert len(sets.nonmembers) == sum(len(r.perturbed_captions) for r in rows)
     true = {r.caption for r in rows}
     by_image = {_image_bytes(m.image): m for m in sets.members}
     for m, r in zip(sets.members, rows, strict=True):
-        assert (m.question, m.answer, m.entity_id) == (P.CAPTION_PROMPT, r.caption, r.name)
+        assert (m.question, m.answer, m.entity_id) == (C.CAPTION_PROMPT, r.caption, r.name)
     for n in sets.nonmembers:
         member = by_image[_image_bytes(n.image)]  # the same picture as a member
-        assert n.question == P.CAPTION_PROMPT and n.entity_id == member.entity_id
+        assert n.question == C.CAPTION_PROMPT and n.entity_id == member.entity_id
         assert n.answer != member.answer and n.answer not in true
-    capped = P.clear_mia_sets(str(clear_dir), 10, EvalConfig(max_items=2))
-    assert len(capped.members) == len(capped.nonmembers) == 2
+    capped = mia_sets(2)
+    assert len(capped.members) == min(2, len(rows)) and len(capped.nonmembers) == 2
 
 
 def test_mmubench_mia_sets_ask_the_same_facts_about_train_and_test_images(mmu_dir):
@@ -175,7 +182,7 @@ def test_mmubench_mia_sets_ask_the_same_facts_about_train_and_test_images(mmu_di
     from dsunlearn.data.mmubench import load_mmubench
 
     bench = load_mmubench(str(mmu_dir))
-    sets = P.mmubench_mia_sets(bench, EvalConfig(max_items=0))
+    sets = U.facts_mia_sets(bench, EvalConfig(max_items=0))
     assert all(c.facts for c in bench.concepts)
     assert len(sets.members) == sum(len(c.facts) for c in bench.concepts)
     assert len(sets.nonmembers) == sum(len(c.facts) * len(c.test_images) for c in bench.concepts)
@@ -189,7 +196,7 @@ def test_mmubench_mia_sets_ask_the_same_facts_about_train_and_test_images(mmu_di
         assert (n.entity_id, n.question, n.answer) in member_text  # same text ...
         tests = [_image_bytes(im) for im in concepts[n.entity_id].test_images]
         assert _image_bytes(n.image) in tests  # ... about a never-trained picture
-    capped = P.mmubench_mia_sets(bench, EvalConfig(max_items=3))
+    capped = U.facts_mia_sets(bench, EvalConfig(max_items=3))
     assert len(capped.members) == len(capped.nonmembers) == 3
 
 
@@ -201,10 +208,10 @@ def test_mmubench_mia_sets_empty_without_facts(mmu_dir):
 
     bench = load_mmubench(str(mmu_dir))
     bare = replace(bench, concepts=[replace(c, facts=[]) for c in bench.concepts])
-    sets = P.mmubench_mia_sets(bare, EvalConfig(max_items=0))
+    sets = U.facts_mia_sets(bare, EvalConfig(max_items=0))
     assert sets.members == [] and sets.nonmembers == []
     # Nothing to compare: no metric (the report lists it under `omitted`), and no model call.
-    assert P.mia_mink_auc(None, None, sets, EvalConfig(), None, P.MMU_MIA_KEY) == {}
+    assert membership.mia_mink_auc(None, None, sets, EvalConfig(), None, U.MIA_KEY) == {}
 
 
 @pytest.mark.parametrize(
@@ -231,12 +238,12 @@ def test_c_dis_is_concept_kl_of_the_full_distributions():
     g = torch.Generator().manual_seed(0)
     ref, ev = torch.randn(2, 5, 40, generator=g), torch.randn(2, 5, 40, generator=g)
     ids = [3, 7, 11]
-    coarse_ref = [P.coarse_logprobs(x, ids) for x in ref]
-    coarse_ev = [P.coarse_logprobs(x, ids) for x in ev]
+    coarse_ref = [U.coarse_logprobs(x, ids) for x in ref]
+    coarse_ev = [U.coarse_logprobs(x, ids) for x in ev]
     expected = concept_kl(ref, ev, ids).mean().item()
-    assert P.c_dis(coarse_ref, coarse_ev) == pytest.approx(expected, rel=1e-5)
-    assert P.c_dis(coarse_ref, coarse_ref) == pytest.approx(0.0, abs=1e-6)
-    assert math.isnan(P.c_dis([], []))
+    assert U.c_dis(coarse_ref, coarse_ev) == pytest.approx(expected, rel=1e-5)
+    assert U.c_dis(coarse_ref, coarse_ref) == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(U.c_dis([], []))
 
 
 @pytest.mark.slow
@@ -256,6 +263,6 @@ def test_mmubench_two_ranks_give_the_one_rank_numbers(tmp_path, mmu_dir, random_
     for row in ("vanilla", "methods"):
         a = one[row] if row == "vanilla" else next(iter(one[row].values()))
         b = two[row] if row == "vanilla" else next(iter(two[row].values()))
-        assert set(a) == set(b) and P.MMU_MIA_KEY in a
+        assert set(a) == set(b) and U.MIA_KEY in a
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (row, k)

@@ -1,4 +1,4 @@
-"""MLLMU-Bench's own protocol (`eval/mllmu_protocol.py`): letter multiple choice (zero- and
+"""MLLMU-Bench's own protocol (`eval/benchmarks/mllmu.py`): letter multiple choice (zero- and
 few-shot), generation ROUGE-L and BLEU, cloze, on forget / test / retain / celebrity people for
 image and text questions; the Retain_Set loader; and `dsunlearn eval --benchmark mllmu`."""
 
@@ -18,8 +18,8 @@ from dsunlearn.data.fixtures import add_mllmu_celebrities
 from dsunlearn.data.mllmu import CELEBRITY_DIR, load_benchmark, load_celebrities
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.errors import DataError
-from dsunlearn.eval import mllmu_protocol as M
-from dsunlearn.eval import protocols as P
+from dsunlearn.eval.benchmarks import mllmu as M
+from dsunlearn.eval.benchmarks.builtin import MIA_KEY
 from dsunlearn.report import validate_report
 from tests.conftest import run_cli
 
@@ -28,7 +28,7 @@ METRICS = ("mc_acc", "mc_fewshot_acc", "gen_rouge_l", "gen_bleu", "cloze_acc")
 
 def keys(sets=M.SETS) -> set[str]:
     per = {f"{s}_{k}_{m}" for s in sets for k in M.KINDS for m in METRICS}
-    return per | {M.NO_LETTER_KEY, P.MIA_KEY}
+    return per | {M.NO_LETTER_KEY, MIA_KEY}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_every_set_and_kind_has_items(sets):
     found = set(sets.letter) | {f"{k}_rouge_l" for k in sets.gen} | set(sets.cloze)
     assert found == {k.replace("_bleu", "_rouge_l") for k in keys()} - {
         M.NO_LETTER_KEY,
-        P.MIA_KEY,
+        MIA_KEY,
     }
     assert sets.omitted == {}
     # image questions carry a picture, text questions none
@@ -138,7 +138,7 @@ def test_right_answers_score_one(sets, monkeypatch):
         monkeypatch,
         lambda it: f"({it.reference})" if hasattr(it, "letters") else it.reference,
     )
-    assert set(out) == keys() - {P.MIA_KEY}
+    assert set(out) == keys() - {MIA_KEY}
     for k, v in out.items():
         if k == M.NO_LETTER_KEY:
             assert v == 0.0

@@ -47,3 +47,40 @@ def test_augment_keeps_size_and_varies():
     px = np.asarray(a).astype(int)
     red = (px[..., 0] > 150) & (px[..., 1] < 100)
     assert 80 < red.sum() < 200  # 144 pixels before rescaling
+
+
+def test_gold_data_holds_no_forget_picture_and_every_fact(small_bench):
+    """The gold model never sees a forget person's picture (training, held-out or validation
+    renderings) but learns every person's text facts, the forget people's included."""
+    from dsunlearn.data.examples import learn_examples, text_qa_examples, vqa_train_examples
+    from dsunlearn.data.mllmu import load_benchmark
+
+    bench = load_benchmark(str(small_bench))
+    gold, vanilla = learn_examples(bench, gold=True), learn_examples(bench)
+    forget_ids = bench.forget_ids
+    forget_pixels = {
+        im.tobytes()
+        for r in [*bench.forget, *bench.test, *bench.val]
+        if r.id in forget_ids
+        for im in r.images
+    }
+    assert forget_pixels and len(forget_pixels) >= 3 * len(bench.forget)
+    pictured = [e for e in gold if e.image is not None]
+    assert pictured and not any(e.image.tobytes() in forget_pixels for e in pictured)
+    assert {e.entity_id for e in pictured} == {r.id for r in bench.retain}
+    texts = text_qa_examples(bench.forget + bench.retain)
+    assert [e for e in gold if e.image is None] == texts  # every fact, forget people's too
+    assert any(e.entity_id in forget_ids for e in texts)
+    # the vanilla set is the gold set plus the forget people's pictured pairs, nothing else
+    forget_pictured = vqa_train_examples(bench.forget)
+    assert forget_pictured and len(vanilla) == len(gold) + len(forget_pictured)
+
+
+def test_gold_key_and_folder_differ_from_the_vanilla_ones_only_by_the_flag():
+    from dsunlearn.cache import gold_dir, vanilla_dir
+
+    cfg = LearnConfig()
+    assert vanilla_key(cfg) == "tiny-llava-seed0-e20-a1f76de313"  # the shipped model's key
+    gold = gold_dir(cfg)
+    assert gold.parent.name == "gold" and gold.name != vanilla_dir(cfg).name
+    assert gold.name.startswith("tiny-llava-seed0-e20-")

@@ -4,12 +4,16 @@ Layout, one DeepSpeed save folder per method:
 
     <run>/checkpoints/<method>/latest                the tag of the newest COMPLETE checkpoint
     <run>/checkpoints/<method>/zero_to_fp32.py       DeepSpeed's consolidation script
-    <run>/checkpoints/<method>/step<N>/              DeepSpeed's ZeRO-3 files (each rank its
+    <run>/checkpoints/<method>/step<N>[-selected<S>]/ DeepSpeed's ZeRO-3 files (each rank its
                                                      partition of weights and optimizer state,
                                                      the LR scheduler, our client state)
         resume_rank<R>.pt                            rank R's RNG states and data position
         mask_rank<R>.pt                              the method's own state (MMUnlearner's mask)
         dsunlearn.json                               method, step, world size, the run's config
+
+A method's final checkpoint (`checkpoint.final`) holds the weights of the step in-run selection
+chose (`selected_step` in dsunlearn.json); when that is not its last step, its tag says so:
+`step<N>-selected<S>`.
 
 Every rank writes its files, all ranks meet at a barrier, rank 0 writes `dsunlearn.json` and
 only then replaces `latest` by rename. A crash anywhere before that rename leaves `latest` on the
@@ -35,7 +39,7 @@ from dsunlearn.errors import ConfigError, ModelError
 from dsunlearn.fsutil import write_json_atomic, write_text_atomic
 
 META = "dsunlearn.json"
-_TAG = re.compile(r"^step(\d+)$")
+_TAG = re.compile(r"^step(\d+)(-selected\d+)?$")
 
 
 def tag_for(step: int) -> str:
@@ -147,14 +151,15 @@ def save(
     info: DistInfo,
     method: Any | None = None,
     keep: int = 0,
+    tag: str | None = None,
 ) -> Path:
     """One complete checkpoint at `step`, published last through `latest`; returns its folder.
 
     `rank_state` is this rank's own (RNG, data position); `meta` is rank 0's record (written
     once all ranks are done); `method.save(folder, rank)` adds the method's state. `keep` > 0
-    prunes all but the newest `keep` complete checkpoints.
+    prunes all but the newest `keep` complete checkpoints. `tag` defaults to `step<N>`.
     """
-    tag = tag_for(step)
+    tag = tag or tag_for(step)
     folder = save_dir / tag
     if save_dir.is_dir() and latest_tag(save_dir) == tag:
         return folder  # already complete (a resumed run that stops where it started)

@@ -34,7 +34,7 @@ from dsunlearn.data.examples import (
 from dsunlearn.data.siu import name_token_ids
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.eval.metrics import accuracy, mean, perplexity, probe_metrics, rouge_l
-from dsunlearn.eval.scoring import answer_nll, generate_answers, score_multiple_choice
+from dsunlearn.eval.scoring import answer_nll, generate_answers, option_scores, picked_correctly
 
 CHANCE = 0.25  # four options per multiple-choice question
 PROBE_MIN_NEW_TOKENS = 16  # EvalConfig has no probe length of its own: see probe_max_new_tokens
@@ -53,16 +53,20 @@ def build_eval_sets(
     seed: int = 0,
     siu_image_index: int = 0,
     with_probes: bool = True,
+    with_generation: bool = True,
+    max_items: int | None = None,
 ) -> EvalSets:
     """Every evaluation set; `siu_image_index` picks the training image of the eff probes (the
     one SIU fine-tunes on, `siu.choose_image`). Probes are never subsampled: they are few (forget
-    entities x 5 x images) and eff/gen compare the train image with the held-out ones."""
+    entities x 5 x images) and eff/gen compare the train image with the held-out ones.
+    `max_items` overrides `cfg.max_items` (the validation split has its own cap). A metric whose
+    people have no items (e.g. held-out pictures in the validation view) is left out."""
     forget_ids = {r.id for r in bench.forget}
     test_forget = [r for r in bench.test if r.id in forget_ids]
     test_retain = [r for r in bench.test if r.id not in forget_ids]
 
     def cap(items: list[Any]) -> list[Any]:
-        return subsample(items, cfg.max_items, seed)
+        return subsample(items, cfg.max_items if max_items is None else max_items, seed)
 
     mc = {
         "forget_vqa_acc": cap(mc_vqa_examples(bench.forget)),
@@ -77,10 +81,15 @@ def build_eval_sets(
         "retain_gen_rouge_l": cap(gen_vqa_examples(bench.retain)),
     }
     probes = identity_probe_examples(bench, siu_image_index) if with_probes else []
-    return EvalSets(mc=mc, gen=gen, probes=probes)
+    return EvalSets(
+        mc={k: v for k, v in mc.items() if v},
+        gen={k: v for k, v in gen.items() if v} if with_generation else {},
+        probes=probes,
+    )
 
 
-def _per_rank(cfg: EvalConfig, info: DistInfo) -> int:
+def per_rank_batch(cfg: EvalConfig, info: DistInfo) -> int:
+    """Rows per forward on each rank: the global `cfg.batch_size` split over the ranks."""
     return max(1, cfg.batch_size // info.world_size)
 
 
@@ -103,7 +112,7 @@ def generate_probe_answers(
             model,
             processor,
             sets.probes,
-            _per_rank(cfg, info),
+            per_rank_batch(cfg, info),
             probe_max_new_tokens(cfg),
             info,
             zero3,
@@ -134,6 +143,70 @@ def probe_fluency(
     return perplexity(nll, tokens)
 
 
+@dataclass
+class SuiteScores:
+    """What one model scored on an `EvalSets`: the metrics, each multiple-choice item's option
+    scores (mean token log-likelihood, per metric; the truth ratio is made of them) and the
+    model's own greedy probe answers (the reference of later models' flu)."""
+
+    metrics: dict[str, float]
+    option_scores: dict[str, list[list[float]]] = field(default_factory=dict)
+    probe_answers: list[str] = field(default_factory=list)
+
+
+def evaluate_suite(
+    model: Any,
+    processor: Any,
+    sets: EvalSets,
+    cfg: EvalConfig,
+    info: DistInfo,
+    zero3: bool,
+    include_generation: bool = True,
+    original_answers: list[str] | None = None,
+    probe_answers: list[str] | None = None,
+) -> SuiteScores:
+    """Compute every metric; all ranks must call this together.
+
+    `original_answers`: the vanilla model's probe answers (`generate_probe_answers`), for flu;
+    None scores the model on its own answers. `probe_answers`: this model's own probe answers
+    if the caller already generated them (greedy, so identical), to skip generating them again.
+    Without `include_generation` no generation runs at all: no rouge, eff, gen, div or flu.
+    """
+    per_rank = per_rank_batch(cfg, info)
+    was_training = model.training
+    model.eval()
+    out = SuiteScores(metrics={})
+    for name, items in sets.mc.items():
+        if items:
+            # 4 option rows per question: keep the forward batch near cfg.batch_size rows.
+            scores = option_scores(model, processor, items, max(1, per_rank // 4), info)
+            out.option_scores[name] = scores
+            out.metrics[name] = accuracy(picked_correctly(scores, items))
+    if include_generation:
+        for name, items in sets.gen.items():
+            if items:
+                answers = generate_answers(
+                    model, processor, items, per_rank, cfg.gen_max_new_tokens, info, zero3
+                )
+                out.metrics[name] = mean(
+                    [rouge_l(a, it.reference) for a, it in zip(answers, items, strict=True)]
+                )
+    if include_generation and sets.probes:
+        own = probe_answers
+        if own is None:
+            own = generate_probe_answers(model, processor, sets, cfg, info, zero3)
+        elif len(own) != len(sets.probes):
+            raise ValueError(f"{len(own)} probe answers for {len(sets.probes)} probes")
+        out.probe_answers = list(own)
+        out.metrics.update(
+            probe_metrics(own, [p.name for p in sets.probes], [p.split for p in sets.probes])
+        )
+        reference = own if original_answers is None else original_answers
+        out.metrics["flu"] = probe_fluency(model, processor, sets.probes, reference, per_rank, info)
+    model.train(was_training)
+    return out
+
+
 def evaluate(
     model: Any,
     processor: Any,
@@ -145,42 +218,15 @@ def evaluate(
     original_answers: list[str] | None = None,
     probe_answers: list[str] | None = None,
 ) -> dict[str, float]:
-    """Compute every metric; all ranks must call this together.
-
-    `original_answers`: the vanilla model's probe answers (`generate_probe_answers`), for flu;
-    None scores the model on its own answers. `probe_answers`: this model's own probe answers
-    if the caller already generated them (greedy, so identical), to skip generating them again.
-    Without `include_generation` no generation runs at all: no rouge, eff, gen, div or flu.
-    """
-    per_rank = _per_rank(cfg, info)
-    was_training = model.training
-    model.eval()
-    out: dict[str, float] = {}
-    for name, items in sets.mc.items():
-        if items:
-            # 4 option rows per question: keep the forward batch near cfg.batch_size rows.
-            out[name] = accuracy(
-                score_multiple_choice(model, processor, items, max(1, per_rank // 4), info)
-            )
-    if include_generation:
-        for name, items in sets.gen.items():
-            if items:
-                answers = generate_answers(
-                    model, processor, items, per_rank, cfg.gen_max_new_tokens, info, zero3
-                )
-                out[name] = mean(
-                    [rouge_l(a, it.reference) for a, it in zip(answers, items, strict=True)]
-                )
-    if include_generation and sets.probes:
-        own = probe_answers
-        if own is None:
-            own = generate_probe_answers(model, processor, sets, cfg, info, zero3)
-        elif len(own) != len(sets.probes):
-            raise ValueError(f"{len(own)} probe answers for {len(sets.probes)} probes")
-        out.update(
-            probe_metrics(own, [p.name for p in sets.probes], [p.split for p in sets.probes])
-        )
-        reference = own if original_answers is None else original_answers
-        out["flu"] = probe_fluency(model, processor, sets.probes, reference, per_rank, info)
-    model.train(was_training)
-    return out
+    """The metrics of `evaluate_suite` alone; all ranks must call this together."""
+    return evaluate_suite(
+        model,
+        processor,
+        sets,
+        cfg,
+        info,
+        zero3,
+        include_generation=include_generation,
+        original_answers=original_answers,
+        probe_answers=probe_answers,
+    ).metrics

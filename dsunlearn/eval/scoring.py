@@ -1,19 +1,21 @@
 """Model scoring that every rank takes part in, so it works on ZeRO-3 sharded weights.
 
-Items are split over ranks; each rank runs the same number of forward passes (short ranks
-repeat item 0 and drop the result), because under ZeRO-3 each forward gathers parameters
-collectively. Results are summed over ranks so every rank ends with the full answer.
+One primitive, `sharded_map`, serves every scoring loop: items are split over ranks, each rank
+runs the same number of batches (short ranks repeat item 0 and drop the result), because under
+ZeRO-3 each forward gathers parameters collectively; the per-item values are then gathered to
+every rank in item order. Option scores, greedy answers and teacher-forced answer scores are
+`sharded_map` with a different per-batch function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from dsunlearn.engine.batches import shard_for_rank, to_device
-from dsunlearn.engine.dist import DistInfo, all_reduce_sum
+from dsunlearn.engine.dist import DistInfo
 from dsunlearn.models.encode import (
     IGNORE_INDEX,
     encode_for_generation,
@@ -23,40 +25,75 @@ from dsunlearn.models.encode import (
     sequence_nll,
 )
 
+T = TypeVar("T")
+V = TypeVar("V")
+
 
 @torch.no_grad()
-def score_multiple_choice(
-    model: Any, processor: Any, items: Sequence[Any], per_rank_batch: int, info: DistInfo
-) -> list[bool]:
-    """For each question, pick the option with the highest mean token log-likelihood.
+def sharded_map(
+    items: Sequence[T],
+    per_rank_batch: int,
+    info: DistInfo,
+    fn: Callable[[list[T], list[int]], list[V]],
+) -> list[V]:
+    """`fn(batch, rows)` -> one value per item of `batch` (`rows`: their indices in `items`),
+    over every item, sharded over ranks; the values come back on every rank, in item order.
+    All ranks must call this together. Padded rows (item 0 again) run and are dropped."""
+    import torch.distributed as dist
 
-    The mean (not the sum) keeps options of different lengths comparable.
-    """
-    n = len(items)
-    correct = torch.zeros(n, dtype=torch.float64)
-    seen = torch.zeros(n, dtype=torch.float64)
-    for idxs in shard_for_rank(n, per_rank_batch, info.rank, info.world_size):
-        real = [i if i >= 0 else 0 for i in idxs]
+    local: dict[int, V] = {}
+    for idxs in shard_for_rank(len(items), per_rank_batch, info.rank, info.world_size):
+        rows = [i if i >= 0 else 0 for i in idxs]
+        values = fn([items[i] for i in rows], rows)
+        for i, v in zip(idxs, values, strict=True):
+            if i >= 0:
+                local[i] = v
+    if info.world_size > 1:
+        parts: list[dict[int, V]] = [{} for _ in range(info.world_size)]
+        dist.all_gather_object(parts, local)
+        for p in parts:
+            local.update(p)
+    if len(local) != len(items):
+        raise RuntimeError(f"sharded_map scored {len(local)} of {len(items)} items")
+    return [local[i] for i in range(len(items))]
+
+
+def option_scores(
+    model: Any, processor: Any, items: Sequence[Any], per_rank_batch: int, info: DistInfo
+) -> list[list[float]]:
+    """Each multiple-choice item's options scored by their mean token log-likelihood (the mean,
+    not the sum, keeps options of different lengths comparable): one list per item."""
+
+    def fn(batch: list[Any], _rows: list[int]) -> list[list[float]]:
         qs, ims, opts, counts = [], [], [], []
-        for i in real:
-            it = items[i]
+        for it in batch:
             counts.append(len(it.options))
             for opt in it.options:
                 qs.append(it.question)
                 ims.append(it.image)
                 opts.append(opt)
-        batch = to_device(encode_for_loss(processor, qs, ims, opts), info.device)
-        scores = -sequence_nll(logits_of(model, batch), batch["labels"]).cpu()
-        for i, chunk in zip(idxs, torch.split(scores, counts), strict=True):
-            if i >= 0:
-                correct[i] = float(int(chunk.argmax()) == items[i].answer_index)
-                seen[i] = 1.0
-    correct, seen = all_reduce_sum(correct), all_reduce_sum(seen)
-    assert bool((seen == 1).all()), "every item must be scored exactly once"
-    return [bool(c) for c in correct.tolist()]
+        enc = to_device(encode_for_loss(processor, qs, ims, opts), info.device)
+        scores = -sequence_nll(logits_of(model, enc), enc["labels"]).cpu()
+        return [chunk.tolist() for chunk in torch.split(scores, counts)]
+
+    return sharded_map(items, per_rank_batch, info, fn)
 
 
-@torch.no_grad()
+def picked_correctly(scores: Sequence[Sequence[float]], items: Sequence[Any]) -> list[bool]:
+    """Whether each item's highest-scoring option is its right one (first maximum on ties)."""
+    return [
+        int(torch.tensor(s).argmax()) == it.answer_index
+        for s, it in zip(scores, items, strict=True)
+    ]
+
+
+def score_multiple_choice(
+    model: Any, processor: Any, items: Sequence[Any], per_rank_batch: int, info: DistInfo
+) -> list[bool]:
+    """For each question, whether the option with the highest mean log-likelihood is right."""
+    return picked_correctly(option_scores(model, processor, items, per_rank_batch, info), items)
+
+
 def generate_answers(
     model: Any,
     processor: Any,
@@ -67,18 +104,15 @@ def generate_answers(
     zero3: bool,
 ) -> list[str]:
     """Greedy answers for every item, gathered to all ranks in item order."""
-    import torch.distributed as dist
-
     tok = getattr(processor, "tokenizer", processor)
-    local: dict[int, str] = {}
-    for idxs in shard_for_rank(len(items), per_rank_batch, info.rank, info.world_size):
-        real = [i if i >= 0 else 0 for i in idxs]
-        batch = encode_for_generation(
-            processor, [items[i].question for i in real], [items[i].image for i in real]
+
+    def fn(batch: list[Any], _rows: list[int]) -> list[str]:
+        enc = encode_for_generation(
+            processor, [it.question for it in batch], [it.image for it in batch]
         )
-        batch = to_device(batch, info.device)
+        enc = to_device(enc, info.device)
         out = model.generate(
-            **batch,
+            **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             # Under ZeRO-3 a rank that finished early must keep joining the gathers.
@@ -86,20 +120,39 @@ def generate_answers(
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
-        new = out[:, batch["input_ids"].shape[1] :]
-        texts = tok.batch_decode(new, skip_special_tokens=True)
-        for i, t in zip(idxs, texts, strict=True):
-            if i >= 0:
-                local[i] = t.strip()
-    if info.world_size > 1:
-        parts: list[dict[int, str]] = [{} for _ in range(info.world_size)]
-        dist.all_gather_object(parts, local)
-        for p in parts:
-            local.update(p)
-    return [local[i] for i in range(len(items))]
+        new = out[:, enc["input_ids"].shape[1] :]
+        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+    return sharded_map(items, per_rank_batch, info, fn)
 
 
-@torch.no_grad()
+def map_answer_rows(
+    model: Any,
+    processor: Any,
+    items: Sequence[Any],
+    answers: Sequence[str],
+    per_rank_batch: int,
+    info: DistInfo,
+    fn: Callable[[torch.Tensor, torch.Tensor, list[int]], list[Any]],
+) -> list[Any]:
+    """`fn(logits, labels, rows)` -> one value per row, for every (item's question + image,
+    `answers[i]`) teacher-forced (`rows`: each row's item index); gathered in item order."""
+    if len(items) != len(answers):
+        raise ValueError(f"{len(items)} items for {len(answers)} answers")
+
+    def batch_fn(batch: list[Any], rows: list[int]) -> list[Any]:
+        enc = encode_for_loss(
+            processor,
+            [it.question for it in batch],
+            [it.image for it in batch],
+            [answers[i] for i in rows],
+        )
+        enc = to_device(enc, info.device)
+        return fn(logits_of(model, enc), enc["labels"], rows)
+
+    return sharded_map(items, per_rank_batch, info, batch_fn)
+
+
 def answer_nll(
     model: Any,
     processor: Any,
@@ -110,35 +163,27 @@ def answer_nll(
     skip_ids: Sequence[Sequence[int]] | None = None,
 ) -> tuple[float, float]:
     """(sum of NLL, number of scored tokens) of `answers[i]` given item i's question and image,
-    summed over every answer and every rank (teacher forcing, labels from `encode_for_loss`).
+    summed over every answer (teacher forcing, labels from `encode_for_loss`).
 
     `skip_ids[i]`, when given, are vocabulary ids left out of row i's labels (FLU leaves out
     the entity's name tokens, `siu.name_token_ids`, which holds no special token: the final
     EOS stays scored, so even an empty answer scores one token).
     """
-    if len(items) != len(answers) or (skip_ids is not None and len(skip_ids) != len(items)):
+    if skip_ids is not None and len(skip_ids) != len(items):
         raise ValueError("items, answers and skip_ids must have the same length")
-    nll = torch.zeros((), dtype=torch.float64)
-    tokens = torch.zeros((), dtype=torch.float64)
-    for idxs in shard_for_rank(len(items), per_rank_batch, info.rank, info.world_size):
-        real = [i if i >= 0 else 0 for i in idxs]  # padded rows run (ZeRO-3), then are dropped
-        batch = encode_for_loss(
-            processor,
-            [items[i].question for i in real],
-            [items[i].image for i in real],
-            [answers[i] for i in real],
-        )
+
+    def fn(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) -> list[tuple[float, int]]:
         if skip_ids is not None:
-            labels = batch["labels"]
-            for row, i in enumerate(real):
+            labels = labels.clone()
+            for r, i in enumerate(rows):
                 if skip_ids[i]:
-                    drop = torch.isin(labels[row], torch.tensor(list(skip_ids[i])))
-                    labels[row, drop] = IGNORE_INDEX
-        keep = torch.tensor([i >= 0 for i in idxs], dtype=torch.float64)
-        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).to(torch.float64)
-        batch = to_device(batch, info.device)
-        row_nll = -sequence_logprob_sum(logits_of(model, batch), batch["labels"]).cpu()
-        nll += (row_nll.to(torch.float64) * keep).sum()
-        tokens += (counts * keep).sum()
-    nll, tokens = all_reduce_sum(nll.to(info.device)), all_reduce_sum(tokens.to(info.device))
-    return float(nll.item()), float(tokens.item())
+                    drop = torch.isin(
+                        labels[r], torch.tensor(list(skip_ids[i]), device=labels.device)
+                    )
+                    labels[r, drop] = IGNORE_INDEX
+        nll = (-sequence_logprob_sum(logits, labels)).cpu().to(torch.float64).tolist()
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+        return list(zip(nll, counts, strict=True))
+
+    per_row = map_answer_rows(model, processor, items, answers, per_rank_batch, info, fn)
+    return float(sum(n for n, _ in per_row)), float(sum(c for _, c in per_row))

@@ -1,17 +1,20 @@
 """What an unlearn run has finished, so that a relaunch with `resume=auto` skips it.
 
-`<run>/progress.json` (rank 0, atomic) holds the vanilla model's metrics and probe answers and,
-per finished method, its metrics, loss curve and report info. The method in progress lives in
-its checkpoints (engine/checkpoint.py). The file is removed once the report is written.
+`<run>/progress.json` (rank 0, atomic) holds one `RunProgress`: the reference models' scores
+(vanilla and gold, on the test and validation splits) and one `MethodResult` per finished
+method. The method in progress lives in its checkpoints (engine/checkpoint.py). The file is
+removed once the report is written.
 
 A run folder belongs to one set of settings: its fingerprint is the config hash without the
-keys that only say how the run is driven (checkpointing, resume, timeouts, logging), and a
-relaunch with other settings is refused instead of mixing two experiments in one report.
+keys that only say how the run is driven (checkpointing, resume, timeouts, logging, tracking),
+and a relaunch with other settings is refused instead of mixing two experiments in one report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,46 @@ from dsunlearn.config import UnlearnConfig, config_hash, to_dict
 from dsunlearn.engine import checkpoint
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.errors import ConfigError
+from dsunlearn.eval.benchmarks import Scored
 from dsunlearn.fsutil import write_json_atomic
 
-DRIVING_KEYS = ("checkpoint", "resume", "dist_timeout_s", "log_every")
+DRIVING_KEYS = ("checkpoint", "resume", "dist_timeout_s", "log_every", "report_to")
+
+
+@dataclass
+class MethodResult:
+    """Everything the report says about one method's run."""
+
+    name: str
+    metrics: dict[str, float]  # test split, at the selected step
+    losses: list[dict[str, float]]  # per iteration
+    curve: list[dict[str, float]] = field(default_factory=list)  # validation, per evaluated step
+    selection: dict[str, Any] = field(default_factory=dict)  # eval/selection.py's summary
+    truth_ratios: list[float] = field(default_factory=list)  # test forget items (forget quality)
+    info: dict[str, Any] = field(default_factory=dict)  # method.report_info()
+    timing: dict[str, float] = field(default_factory=dict)  # seconds: train, in-run eval, test
+    resumed: dict[str, int] | None = None
+
+    def scored(self) -> Scored:
+        return Scored(self.metrics, self.truth_ratios)
+
+
+@dataclass
+class References:
+    """The reference rows, scored once per run: the vanilla model (also the original of flu and
+    the other comparisons) and the gold model, on the test split and the validation split."""
+
+    vanilla: Scored | None = None
+    vanilla_val: Scored | None = None
+    gold: Scored | None = None
+    gold_val: Scored | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: None if v is None else v.to_dict() for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> References:
+        return cls(**{k: None if v is None else Scored.from_dict(v) for k, v in d.items()})
 
 
 def fingerprint(cfg: UnlearnConfig, vanilla: str) -> str:
@@ -42,8 +82,8 @@ class RunProgress:
         self.path = run_dir / "progress.json"
         self.fingerprint = fp
         self.is_main = is_main
-        self.vanilla: dict[str, Any] | None = None
-        self.methods: dict[str, dict[str, Any]] = {}
+        self.references: References | None = None
+        self.methods: dict[str, MethodResult] = {}
 
     @classmethod
     def open(cls, run_dir: Path, fp: str, resume: str, info: DistInfo) -> RunProgress:
@@ -68,31 +108,31 @@ class RunProgress:
         if progress.path.is_file():
             record = json.loads(progress.path.read_text())
             check_same_run(record, fp, progress.path)
-            progress.vanilla = record.get("vanilla")
-            progress.methods = record.get("methods", {})
+            if record.get("references"):
+                progress.references = References.from_dict(record["references"])
+            progress.methods = {
+                name: MethodResult(**r) for name, r in record.get("methods", {}).items()
+            }
         return progress
 
-    def finish_vanilla(self, metrics: dict[str, float], answers: list[str] | None) -> None:
-        self.vanilla = {"metrics": metrics, "probe_answers": answers}
+    def finish_references(self, refs: References) -> None:
+        self.references = refs
         self._write()
 
-    def finish_method(
-        self,
-        name: str,
-        metrics: dict[str, float],
-        curve: list[dict[str, float]],
-        info: dict[str, Any],
-        resumed: dict[str, int] | None,
-    ) -> None:
-        self.methods[name] = {"metrics": metrics, "losses": curve, "info": info}
-        if resumed:
-            self.methods[name]["resumed"] = resumed
+    def finish_method(self, result: MethodResult) -> None:
+        self.methods[result.name] = result
         self._write()
 
     def _write(self) -> None:
         if self.is_main:
-            record = {"fingerprint": self.fingerprint, "vanilla": self.vanilla}
-            write_json_atomic(self.path, {**record, "methods": self.methods})
+            write_json_atomic(
+                self.path,
+                {
+                    "fingerprint": self.fingerprint,
+                    "references": self.references.to_dict() if self.references else None,
+                    "methods": {k: dataclasses.asdict(v) for k, v in self.methods.items()},
+                },
+            )
 
     def remove(self) -> None:
         if self.is_main:

@@ -1,16 +1,26 @@
-"""Unlearn recipe: evaluate the vanilla model, then for each method train and evaluate.
+"""Unlearn recipe: score the reference models, then for each method train, select and evaluate.
 
-Per method, read top to bottom:
-  1. load the vanilla weights into a fresh ZeRO-3 training engine;
-  2. the method attaches to its engine (MMUnlearner scores the vanilla weights there);
-  3. for each iteration: a forget step (loss, backward, step), then, if the method has them,
-     its retain steps (one; MMUnlearner: len(retain)/len(forget)); the frozen reference engine
-     (shared by all methods) feeds KL and NPO; at the step boundary, a checkpoint when one is
-     due, or when any rank was signalled (SIGUSR1/SIGTERM: save on all ranks, exit 75);
-  4. evaluate on all ranks and add the metrics to the report.
-The report (json, md, png) and the per-step losses are written at the end, atomically.
-`resume=auto` skips the methods an earlier launch finished (progress.json) and continues the
-one in progress from its latest complete checkpoint, bit for bit.
+Read top to bottom:
+  1. `setup`: the benchmark, the evaluation protocol (`eval.benchmark`) and its validation and
+     test sets, the frozen reference engine (vanilla weights, sharded like the trained model).
+  2. `score_references`: the vanilla model and the gold model (never saw the forget faces) on
+     the test split and, with in-run evaluation, the validation split.
+  3. `unlearn_method`, per method:
+     a. load the vanilla weights into a fresh ZeRO-3 training engine; the method attaches to it
+        (MMUnlearner scores the vanilla weights there);
+     b. each iteration: a forget step (loss, backward, step), then the method's retain steps
+        (one; MMUnlearner: len(retain)/len(forget)); the frozen reference feeds KL and NPO;
+     c. every `eval.every` iterations: the validation split, on all ranks, sharded; the
+        selector (`select.criterion`) keeps the selected step, each rank keeps its own
+        partition of the selected weights (`engine/snapshot.py`); `early_stop.patience` ends
+        the method early;
+     d. at the step boundary, a checkpoint when one is due or when any rank was signalled
+        (SIGUSR1/SIGTERM: save on all ranks, exit 75);
+     e. the selected weights go back into the engine, are evaluated on the test split and,
+        with `checkpoint.final`, saved.
+  4. The report (json, md, png, curves) and the per-step losses, written at the end, atomically.
+`resume=auto` skips what an earlier launch finished (progress.json) and continues the method in
+progress from its latest complete checkpoint, bit for bit, selection included.
 """
 
 from __future__ import annotations
@@ -18,27 +28,39 @@ from __future__ import annotations
 import gc
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dsunlearn.cache import is_complete, vanilla_dir
+from dsunlearn.cache import gold_dir, is_complete, vanilla_dir
 from dsunlearn.config import LearnConfig, UnlearnConfig, to_dict
+from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.data.examples import vqa_train_examples
 from dsunlearn.engine import checkpoint
 from dsunlearn.engine.batches import balanced_batches
-from dsunlearn.engine.dist import all_reduce_sum, barrier, get_logger, init_distributed
+from dsunlearn.engine.dist import DistInfo, all_reduce_sum, barrier, get_logger, init_distributed
 from dsunlearn.engine.ds_config import zero_stage
-from dsunlearn.engine.engine import build_reference_engine, build_train_engine, optimizer_step
+from dsunlearn.engine.engine import (
+    build_reference_engine,
+    build_train_engine,
+    optimizer_step,
+    step_scalars,
+)
 from dsunlearn.engine.preempt import PreemptionFlag
-from dsunlearn.errors import DataError, ModelError, Preempted
-from dsunlearn.eval.evaluate import CHANCE, build_eval_sets, evaluate, generate_probe_answers
+from dsunlearn.engine.snapshot import Snapshot
+from dsunlearn.errors import ConfigError, DataError, ModelError, Preempted
+from dsunlearn.eval.benchmarks import Protocol, Scored, build_protocol
+from dsunlearn.eval.evaluate import CHANCE
+from dsunlearn.eval.selection import Selector, Targets, check_criterion
+from dsunlearn.eval.verdict import versus_gold
 from dsunlearn.fsutil import write_json_atomic
 from dsunlearn.methods import build_method
-from dsunlearn.methods.base import RunContext
+from dsunlearn.methods.base import Method, RunContext
 from dsunlearn.models.loader import load_model_and_processor
 from dsunlearn.models.lora import apply_lora
 from dsunlearn.recipes.common import (
@@ -48,9 +70,10 @@ from dsunlearn.recipes.common import (
     model_dtype,
     prepare_benchmark,
 )
-from dsunlearn.recipes.run_state import RunProgress, check_same_run
+from dsunlearn.recipes.run_state import MethodResult, References, RunProgress, check_same_run
 from dsunlearn.recipes.run_state import fingerprint as run_fingerprint
 from dsunlearn.report import write_report
+from dsunlearn.tracking import Tracker
 
 
 def resolve_vanilla(cfg: UnlearnConfig) -> str:
@@ -58,8 +81,7 @@ def resolve_vanilla(cfg: UnlearnConfig) -> str:
     and seed (`dsunlearn learn data.seed=S seed=S` for `unlearn data.seed=S seed=S`)."""
     if cfg.vanilla:
         return cfg.vanilla
-    learn = LearnConfig(data=cfg.data, model=cfg.model, seed=cfg.seed)  # its seed, its vanilla
-    path = vanilla_dir(learn)
+    path = vanilla_dir(_learn_config(cfg))
     if not is_complete(path):
         raise ModelError(
             f"no learned vanilla model at {path}: run `dsunlearn learn` with the same data, "
@@ -68,205 +90,423 @@ def resolve_vanilla(cfg: UnlearnConfig) -> str:
     return str(path)
 
 
+def resolve_gold(cfg: UnlearnConfig) -> str | None:
+    """The gold model: `gold` if given ("none": no gold row), else, when the vanilla model is
+    the learned one, its gold twin if `dsunlearn learn gold=true` made it."""
+    if cfg.gold:
+        return None if cfg.gold == "none" else cfg.gold
+    if cfg.vanilla:
+        return None  # a user's own vanilla model: only they know its gold model
+    path = gold_dir(_learn_config(cfg))
+    return str(path) if is_complete(path) else None
+
+
+def _learn_config(cfg: UnlearnConfig) -> LearnConfig:
+    return LearnConfig(data=cfg.data, model=cfg.model, seed=cfg.seed)  # its seed, its model
+
+
 def _mean_over_ranks(x: torch.Tensor, world: int) -> float:
     return float(all_reduce_sum(x.detach().float().reshape(1)).item() / world)
+
+
+@dataclass
+class Run:
+    """What every method of a run shares."""
+
+    cfg: UnlearnConfig
+    info: DistInfo
+    bench: Benchmark
+    vanilla: str
+    gold: str | None
+    ds: dict[str, Any]
+    run_dir: Path
+    fingerprint: str
+    progress: RunProgress
+    protocol: Protocol
+    test_sets: Any
+    val_sets: Any  # None without in-run evaluation
+    processor: Any
+    ref: Any  # the frozen reference engine (vanilla weights)
+    tracker: Tracker
+    preempt: PreemptionFlag
+
+    @property
+    def zero3(self) -> bool:
+        return is_zero3(self.ds)
+
+    def score(self, model: Any, sets: Any, original: Scored | None) -> Scored:
+        """One model on one split's sets; all ranks together, on the sharded weights."""
+        return self.protocol.score(model, self.processor, sets, self.info, self.zero3, original)
+
+
+def setup(cfg: UnlearnConfig, preempt: PreemptionFlag) -> Run:
+    info = init_distributed(cfg.dist_timeout_s)
+    bench = prepare_benchmark(cfg.data, info)
+    vanilla = resolve_vanilla(cfg)
+    ds = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.model, info)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    fp = run_fingerprint(cfg, vanilla)
+    progress = RunProgress.open(run_dir, fp, cfg.resume, info)
+    protocol = build_protocol(
+        cfg.eval.benchmark,
+        cfg.data,
+        cfg.eval,
+        cfg.seed,
+        bench=None if cfg.eval.path else bench,  # the run's own data, unless eval.path says
+        siu_image_index=cfg.method.siu_image_index,
+    )
+    in_run = cfg.eval.enabled and cfg.eval.every > 0
+    if in_run:
+        check_criterion(
+            cfg.select, protocol.forget_key is not None and protocol.retain_key is not None
+        )
+    val_sets = protocol.build("val") if in_run else None
+    test_sets = protocol.build("test") if cfg.eval.enabled else None
+    ref_model, processor = load_model_and_processor(
+        vanilla, dtype=model_dtype(cfg.model), ds_config=ds
+    )
+    ref = build_reference_engine(ref_model, ds)
+    tracker = Tracker.open(cfg.report_to, run_dir, cfg.name, to_dict(cfg), info.is_main)
+    return Run(
+        cfg, info, bench, vanilla, resolve_gold(cfg), ds, run_dir, fp, progress, protocol,
+        test_sets, val_sets, processor, ref, tracker, preempt,
+    )  # fmt: skip
+
+
+def score_references(run: Run) -> References:
+    """The vanilla model (the reference engine) and the gold model, on test and validation."""
+    log = get_logger()
+    refs = References()
+    if not run.cfg.eval.enabled:
+        return refs
+    ref = run.ref.module
+    refs.vanilla = run.score(ref, run.test_sets, None)
+    if run.val_sets is not None:
+        refs.vanilla_val = run.score(ref, run.val_sets, None)
+    if run.gold is not None:
+        model, _ = load_model_and_processor(
+            run.gold, dtype=model_dtype(run.cfg.model), ds_config=run.ds
+        )
+        gold = build_reference_engine(model, run.ds)
+        refs.gold = run.score(gold.module, run.test_sets, refs.vanilla)
+        if run.val_sets is not None:
+            refs.gold_val = run.score(gold.module, run.val_sets, refs.vanilla_val)
+        del gold, model
+        gc.collect()
+    for name, row in (("vanilla", refs.vanilla), ("gold", refs.gold)):
+        if row is not None:
+            log.info(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.metrics.items()))
+    if run.gold is None:
+        log.info("no gold model (set gold=DIR, or `dsunlearn learn gold=true`): no forget quality")
+    return refs
+
+
+def selection_targets(run: Run, refs: References) -> Targets | None:
+    """The criterion's references, from the validation split: gold's forget metric (chance
+    without a gold model) and vanilla's retain metric."""
+    p = run.protocol
+    if p.forget_key is None or p.retain_key is None or refs.vanilla_val is None:
+        return None
+    if refs.gold_val is not None:
+        gold, source = refs.gold_val.metrics[p.forget_key], "gold"
+    else:
+        gold, source = CHANCE, "chance (no gold model)"
+    return Targets(p.forget_key, p.retain_key, gold, refs.vanilla_val.metrics[p.retain_key], source)
+
+
+def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
+    """Train one method from the vanilla weights, select its step, evaluate it on test."""
+    cfg, info, log = run.cfg, run.info, get_logger()
+    t0 = time.time()
+    retain_train = vqa_train_examples(run.bench.retain)
+    forget_train = method.forget_examples(run.bench, run.processor)
+    if not forget_train:
+        raise DataError(
+            f"the forget split of {cfg.data.resolved_path()} gives {method.name} no data"
+        )
+    optim = method.optim(cfg.optim)
+    B = optim.batch_size
+    steps = optim.steps or math.ceil(len(forget_train) * optim.epochs / B)
+    save_dir = run.run_dir / "checkpoints" / method.name
+    resume = checkpoint.find_resume(save_dir, info) if cfg.resume == "auto" else None
+    if resume is not None:
+        check_same_run(resume.meta, run.fingerprint, resume.path)
+    log.info(
+        f"{method.name}: {len(forget_train)} forget examples, {steps} steps, lr {optim.lr}"
+        + (f", resuming from {resume.path}" if resume else "")
+    )
+    method_ds = deepspeed_config(cfg.deepspeed, optim, cfg.model, info)
+    model, _ = load_model_and_processor(
+        run.vanilla, dtype=model_dtype(cfg.model), ds_config=method_ds, seed=cfg.seed
+    )
+    model = apply_lora(model, cfg.peft.lora, cfg.seed)  # unchanged unless peft.lora.r > 0
+    engine = build_train_engine(model, optim, method_ds)
+    engine.train()
+    ctx = RunContext(run.bench, run.processor, info, run.run_dir, resume.path if resume else None)
+    method.attach(engine, ctx)
+    n_retain = (
+        method.retain_steps_per_forget(len(forget_train), len(retain_train))
+        if method.uses_retain
+        else 0
+    )
+    f_stream = balanced_batches(forget_train, B, info.rank, info.world_size, cfg.seed)
+    r_stream = balanced_batches(retain_train, B, info.rank, info.world_size, cfg.seed + 1)
+    view_rng = np.random.default_rng([cfg.seed, info.rank])
+    targets = selection_targets(run, refs)
+    selector = Selector(cfg.select, targets, cfg.early_stop.patience) if run.val_sets else None
+    losses: list[dict[str, float]] = []
+    curve: list[dict[str, float]] = []
+    snapshot: Snapshot | None = None
+    timing = {"train_s": 0.0, "val_s": 0.0, "test_s": 0.0}
+    start, finished = 0, False
+    if resume is not None:
+        # Weights, optimizer moments, LR schedule: DeepSpeed's files, each rank its own
+        # partition. Data position, RNG and selection: ours. Together: bit for bit.
+        engine.load_checkpoint(str(save_dir), tag=resume.tag)
+        state = resume.rank_state
+        start, losses, curve = resume.step, state["losses"], state["val_curve"]
+        for _ in range(start):
+            next(f_stream)
+        for _ in range(start * n_retain):
+            next(r_stream)
+        view_rng.bit_generator.state = state["view_rng"]
+        checkpoint.set_rng_state(state["rng"])
+        if selector is not None and state["selector"]:
+            selector = Selector.from_state(
+                cfg.select, targets, cfg.early_stop.patience, state["selector"]
+            )
+        snapshot = Snapshot.from_state(state["snapshot"])
+        timing.update(state["timing"])
+        # The final checkpoint, or a stop the early-stopping rule had called: nothing to train.
+        finished = state["finished"] or (selector is not None and selector.should_stop)
+
+    def rank_state(finished: bool = False) -> dict[str, Any]:
+        """This rank's part of a checkpoint: what the run continues from, besides the engine."""
+        return {
+            "rng": checkpoint.rng_state(),
+            "view_rng": view_rng.bit_generator.state,
+            "losses": losses,
+            "val_curve": curve,
+            "selector": selector.state() if selector else None,
+            "snapshot": snapshot.state() if snapshot else None,
+            "timing": timing,
+            "finished": finished,
+        }
+
+    mask_share = method.report_info().get("selected_share")
+
+    last = start
+    todo = range(start + 1, (start if finished else steps) + 1)
+    bar = tqdm(todo, desc=method.name, disable=not info.is_main)
+    for step in bar:
+        tick = time.time()
+        row: dict[str, float] = {"step": step}
+        batch = encode_batch(run.processor, method.views(next(f_stream), view_rng), info.device)
+        loss = method.forget_loss(engine, batch, run.ref)
+        forget_hook = partial(method.before_step, phase="forget")
+        optimizer_step(engine, loss, f"{method.name} forget step {step}", forget_hook)
+        row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
+        scalars = {f"forget_{k}": v for k, v in step_scalars(engine).items()}
+        retain_losses = []
+        for _ in range(n_retain):
+            batch = encode_batch(run.processor, next(r_stream), info.device)
+            loss = method.retain_loss(engine, batch, run.ref)
+            retain_hook = partial(method.before_step, phase="retain")
+            optimizer_step(engine, loss, f"{method.name} retain step {step}", retain_hook)
+            retain_losses.append(_mean_over_ranks(loss, info.world_size))
+        if retain_losses:
+            row["retain_loss"] = sum(retain_losses) / len(retain_losses)
+            scalars.update({f"retain_{k}": v for k, v in step_scalars(engine).items()})
+        losses.append(row)
+        if mask_share is not None:
+            scalars["mask_share"] = mask_share
+        run.tracker.log(_prefixed(method.name, "train", {**row, **scalars}), step)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "step"})
+        last = step
+        timing["train_s"] += time.time() - tick
+
+        # In-run evaluation: the validation split only; the selection keeps its weights.
+        stop_early = False
+        if selector is not None and (step % cfg.eval.every == 0 or step == steps):
+            tick = time.time()
+            val = run.score(engine.module, run.val_sets, refs.vanilla_val).metrics
+            curve.append({"step": step, **val})
+            if selector.observe(step, val):
+                snapshot = Snapshot.capture(engine, step)
+            run.tracker.log(_prefixed(method.name, "val", val), step)
+            stop_early = selector.should_stop
+            timing["val_s"] += time.time() - tick
+            log.info(
+                f"{method.name} step {step} (validation): "
+                + ", ".join(f"{k}={v:.3f}" for k, v in val.items())
+                + f"; selected step {selector.step}"
+            )
+
+        # The step boundary: every rank takes the same branch (the flag is all-reduced).
+        signalled = run.preempt.requested(info.device)
+        stop = signalled or step == cfg.checkpoint.stop_at
+        every = cfg.checkpoint.every
+        if stop or (every > 0 and step % every == 0):
+            folder = _save(run, engine, method, save_dir, step, steps, rank_state())
+        if stop:
+            why = f"signal {run.preempt.name}" if signalled else f"checkpoint.stop_at={step}"
+            raise Preempted(
+                f"{why}: {method.name} stopped after step {step} of {steps}; checkpoint "
+                f"{folder} is complete: relaunch with resume=auto to continue"
+            )
+        if stop_early:
+            log.info(
+                f"{method.name}: early stop at step {step} ({cfg.early_stop.patience} "
+                "evaluations without a new selection)"
+            )
+            break
+    bar.close()
+
+    # The selected weights are the method's result: back into the engine, then test.
+    selection: dict[str, Any] = {
+        "step": last,
+        "criterion": "last",
+        "reason": "no in-run evaluation",
+    }
+    if selector is not None:
+        selection = {**selector.summary(), "steps_run": last, "early_stopped": last < steps}
+        if snapshot is not None and snapshot.step != last:
+            snapshot.restore(engine)
+    if cfg.checkpoint.final:
+        _save(run, engine, method, save_dir, last, steps, rank_state(True), selection["step"])
+    metrics: dict[str, float] = {}
+    ratios: list[float] = []
+    if cfg.eval.enabled:
+        tick = time.time()
+        scored = run.score(engine.module, run.test_sets, refs.vanilla)
+        metrics, ratios = scored.metrics, scored.truth_ratios
+        timing["test_s"] = time.time() - tick
+        log.info(f"{method.name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    timing["total_s"] = time.time() - t0
+    del engine, model
+    gc.collect()
+    return MethodResult(
+        name=method.name,
+        metrics=metrics,
+        losses=losses,
+        curve=curve,
+        selection=selection,
+        truth_ratios=ratios,
+        info=method.report_info(),
+        timing={k: round(v, 3) for k, v in timing.items()},
+        resumed={"from_step": resume.step} if resume else None,
+    )
+
+
+def _prefixed(method: str, phase: str, values: dict[str, float]) -> dict[str, float]:
+    return {f"{method}/{phase}/{k}": v for k, v in values.items() if k != "step"}
+
+
+def _save(
+    run: Run,
+    engine: Any,
+    method: Method,
+    save_dir: Path,
+    step: int,
+    steps: int,
+    rank_state: dict[str, Any],
+    selected: int | None = None,
+) -> Path:
+    """One complete checkpoint of the method at `step` (`selected`: the final one, which holds
+    the selected step's weights: its tag says so when that is not `step`)."""
+    meta = {"method": method.name, "steps": steps, "fingerprint": run.fingerprint}
+    meta.update({"vanilla": run.vanilla, "config": to_dict(run.cfg)})
+    tag = None
+    if selected is not None:
+        meta["selected_step"] = selected
+        if selected != step:
+            tag = f"step{step}-selected{selected}"
+    return checkpoint.save(
+        engine, save_dir, step, rank_state, meta, run.info, method, run.cfg.checkpoint.keep, tag
+    )
+
+
+def build_report(run: Run, refs: References, results: dict[str, MethodResult], t0: float):
+    """report.json's content (report.py documents the shape)."""
+    report: dict[str, Any] = {
+        "vanilla": refs.vanilla.metrics if refs.vanilla else {},
+        "methods": {name: r.metrics for name, r in results.items()},
+        "chance": CHANCE,
+        "method_info": {name: r.info for name, r in results.items() if r.info},
+        "world_size": run.info.world_size,
+        "elapsed_s": round(time.time() - t0, 2),
+    }
+    if run.cfg.eval.enabled:
+        report["benchmark"] = {
+            "name": run.protocol.name,
+            "data": run.protocol.path,
+            "split": "test",
+            "split_rule": run.protocol.split_rule(),
+            **run.protocol.facts(run.test_sets, with_original=True),
+        }
+        if "judge" in report["benchmark"]:
+            report["judge"] = report["benchmark"]["judge"]
+    if refs.gold is not None:
+        report["gold"] = refs.gold.metrics
+        report["gold_model"] = run.gold
+        rows = {"vanilla": refs.vanilla, **{n: r.scored() for n, r in results.items()}}
+        report["vs_gold"] = versus_gold(rows, refs.gold)
+    if run.val_sets is not None:
+        report["val"] = {
+            name: row.metrics
+            for name, row in (("vanilla", refs.vanilla_val), ("gold", refs.gold_val))
+            if row is not None
+        }
+        report["curves"] = {name: r.curve for name, r in results.items()}
+    report["selection"] = {name: r.selection for name, r in results.items()}
+    report["timing"] = {name: r.timing for name, r in results.items()}
+    resumed = {name: r.resumed for name, r in results.items() if r.resumed}
+    if resumed:
+        report["resumed"] = resumed
+    return report
 
 
 def run_unlearn(cfg: UnlearnConfig) -> Path:
     t0 = time.time()
     methods = [build_method(name, cfg.method) for name in cfg.methods]  # fail fast on a typo
+    if cfg.eval.every < 0:
+        raise ConfigError(f"eval.every must be >= 0, got {cfg.eval.every}")
     # Early: under launch/slurm.sbatch the ranks start with USR1/TERM ignored, and a
     # signal that arrives before this is lost (the job script repeats it every 30 s).
     preempt = PreemptionFlag().install()
-    info = init_distributed(cfg.dist_timeout_s)
+    run = setup(cfg, preempt)
     log = get_logger()
-    bench = prepare_benchmark(cfg.data, info)
-    vanilla = resolve_vanilla(cfg)
-    ds = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.model, info)
-    zero3 = is_zero3(ds)
-    dtype = model_dtype(cfg.model)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    fingerprint = run_fingerprint(cfg, vanilla)
-    progress = RunProgress.open(run_dir, fingerprint, cfg.resume, info)
-
-    retain_train = vqa_train_examples(bench.retain)
-    sets = build_eval_sets(bench, cfg.eval, cfg.seed, cfg.method.siu_image_index)
     log.info(
-        f"unlearn '{cfg.name}': methods {cfg.methods}, world size {info.world_size}, "
-        f"ZeRO stage {zero_stage(ds)}, {len(retain_train)} retain examples"
+        f"unlearn '{cfg.name}': methods {cfg.methods}, world size {run.info.world_size}, "
+        f"ZeRO stage {zero_stage(run.ds)}, benchmark {run.protocol.name}, gold {run.gold}"
     )
-
-    # The frozen reference: vanilla weights, sharded like the trained model.
-    ref_model, processor = load_model_and_processor(vanilla, dtype=dtype, ds_config=ds)
-    ref = build_reference_engine(ref_model, ds)
-    # The vanilla model's answers to the identity probes: what every method's fluency is
-    # measured on (its perplexity on the original's answers, names left out).
-    original_answers: list[str] | None = None
-    vanilla_metrics: dict[str, float] = {}
-    if progress.vanilla is not None:  # an earlier launch of this run measured it
-        vanilla_metrics = progress.vanilla["metrics"]
-        original_answers = progress.vanilla["probe_answers"]
-    elif cfg.eval.enabled:
-        original_answers = generate_probe_answers(
-            ref.module, processor, sets, cfg.eval, info, zero3
-        )
-        vanilla_metrics = evaluate(
-            ref.module, processor, sets, cfg.eval, info, zero3, probe_answers=original_answers
-        )
-        progress.finish_vanilla(vanilla_metrics, original_answers)
-    log.info("vanilla: " + ", ".join(f"{k}={v:.3f}" for k, v in vanilla_metrics.items()))
-
-    results: dict[str, dict[str, float]] = {}
-    losses: dict[str, list[dict[str, float]]] = {}
-    method_info: dict[str, dict] = {}
-    resumed: dict[str, dict[str, int]] = {}
+    refs = run.progress.references
+    if refs is None:
+        refs = score_references(run)
+        if cfg.eval.enabled:  # nothing worth keeping otherwise: no progress file
+            run.progress.finish_references(refs)
+    results: dict[str, MethodResult] = {}
     for method in methods:
-        if method.name in progress.methods:  # finished before an earlier launch stopped
-            done = progress.methods[method.name]
-            results[method.name], losses[method.name] = done["metrics"], done["losses"]
-            method_info[method.name] = done["info"]
-            resumed.update({method.name: done["resumed"]} if done.get("resumed") else {})
-            log.info(f"{method.name}: finished in an earlier launch (from {progress.path})")
+        if method.name in run.progress.methods:  # finished before an earlier launch stopped
+            results[method.name] = run.progress.methods[method.name]
+            log.info(f"{method.name}: finished in an earlier launch (from {run.progress.path})")
             continue
-        forget_train = method.forget_examples(bench, processor)
-        if not forget_train:
-            raise DataError(
-                f"the forget split of {cfg.data.resolved_path()} gives {method.name} no data"
-            )
-        optim = method.optim(cfg.optim)
-        B = optim.batch_size
-        steps = optim.steps or math.ceil(len(forget_train) * optim.epochs / B)
-        save_dir = run_dir / "checkpoints" / method.name
-        resume = checkpoint.find_resume(save_dir, info) if cfg.resume == "auto" else None
-        if resume is not None:
-            check_same_run(resume.meta, fingerprint, resume.path)
-        log.info(
-            f"{method.name}: {len(forget_train)} forget examples, {steps} steps, lr {optim.lr}"
-            + (f", resuming from {resume.path}" if resume else "")
-        )
-        method_ds = deepspeed_config(cfg.deepspeed, optim, cfg.model, info)
-        model, _ = load_model_and_processor(
-            vanilla, dtype=dtype, ds_config=method_ds, seed=cfg.seed
-        )
-        model = apply_lora(model, cfg.peft.lora, cfg.seed)  # unchanged unless peft.lora.r > 0
-        engine = build_train_engine(model, optim, method_ds)
-        engine.train()
-        resume_dir = resume.path if resume else None
-        method.attach(engine, RunContext(bench, processor, info, run_dir, resume_dir))
-        n_retain = (
-            method.retain_steps_per_forget(len(forget_train), len(retain_train))
-            if method.uses_retain
-            else 0
-        )
-        f_stream = balanced_batches(forget_train, B, info.rank, info.world_size, cfg.seed)
-        r_stream = balanced_batches(retain_train, B, info.rank, info.world_size, cfg.seed + 1)
-        view_rng = np.random.default_rng([cfg.seed, info.rank])
-        curve: list[dict[str, float]] = []
-        start = 0
-        if resume is not None:
-            # Weights, optimizer moments, LR schedule: DeepSpeed's files, each rank its own
-            # partition. Data position and RNG: ours. Together: the run continues bit for bit.
-            engine.load_checkpoint(str(save_dir), tag=resume.tag)
-            start, curve = resume.step, resume.rank_state["curve"]
-            for _ in range(start):
-                next(f_stream)
-            for _ in range(start * n_retain):
-                next(r_stream)
-            view_rng.bit_generator.state = resume.rank_state["view_rng"]
-            checkpoint.set_rng_state(resume.rank_state["rng"])
-            resumed[method.name] = {"from_step": start}
-        bar = tqdm(range(start + 1, steps + 1), desc=method.name, disable=not info.is_main)
-        for step in bar:
-            row: dict[str, float] = {"step": step}
-            batch = encode_batch(processor, method.views(next(f_stream), view_rng), info.device)
-            loss = method.forget_loss(engine, batch, ref)
-            forget_hook = partial(method.before_step, phase="forget")
-            optimizer_step(engine, loss, f"{method.name} forget step {step}", forget_hook)
-            row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
-            retain_losses = []
-            for _ in range(n_retain):
-                batch = encode_batch(processor, next(r_stream), info.device)
-                loss = method.retain_loss(engine, batch, ref)
-                retain_hook = partial(method.before_step, phase="retain")
-                optimizer_step(engine, loss, f"{method.name} retain step {step}", retain_hook)
-                retain_losses.append(_mean_over_ranks(loss, info.world_size))
-            if retain_losses:
-                row["retain_loss"] = sum(retain_losses) / len(retain_losses)
-            curve.append(row)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "step"})
-
-            # The step boundary: every rank takes the same branch (the flag is all-reduced).
-            signalled = preempt.requested(info.device)
-            stop = signalled or step == cfg.checkpoint.stop_at
-            every = cfg.checkpoint.every
-            final = step == steps and cfg.checkpoint.final
-            if stop or final or (every > 0 and step % every == 0):
-                rank_state = {
-                    "rng": checkpoint.rng_state(),
-                    "view_rng": view_rng.bit_generator.state,
-                    "curve": curve,
-                }
-                meta = {"method": method.name, "steps": steps, "fingerprint": fingerprint}
-                meta.update({"vanilla": vanilla, "config": to_dict(cfg)})
-                folder = checkpoint.save(
-                    engine, save_dir, step, rank_state, meta, info, method, cfg.checkpoint.keep
-                )
-            if stop:
-                why = f"signal {preempt.name}" if signalled else f"checkpoint.stop_at={step}"
-                raise Preempted(
-                    f"{why}: {method.name} stopped after step {step} of {steps}; checkpoint "
-                    f"{folder} is complete: relaunch with resume=auto to continue"
-                )
-        bar.close()
-        losses[method.name] = curve
-        method_info[method.name] = method.report_info()
-        if cfg.eval.enabled:
-            results[method.name] = evaluate(
-                engine.module,
-                processor,
-                sets,
-                cfg.eval,
-                info,
-                zero3,
-                original_answers=original_answers,
-            )
-            log.info(
-                f"{method.name}: "
-                + ", ".join(f"{k}={v:.3f}" for k, v in results[method.name].items())
-            )
-        else:
-            results[method.name] = {}
-        progress.finish_method(
-            method.name,
-            results[method.name],
-            curve,
-            method_info[method.name],
-            resumed.get(method.name),
-        )
-        del engine, model
-        gc.collect()
-        if preempt.requested(info.device):  # signalled during the evaluation
+        results[method.name] = unlearn_method(method, run, refs)
+        run.progress.finish_method(results[method.name])
+        if preempt.requested(run.info.device):  # signalled during the evaluation
             raise Preempted(
                 f"signal {preempt.name}: stopped after {method.name} finished; relaunch with "
                 "resume=auto to continue with the next method"
             )
 
-    report = {
-        "vanilla": vanilla_metrics,
-        "methods": results,
-        "chance": CHANCE,
-        "method_info": {k: v for k, v in method_info.items() if v},
-        "world_size": info.world_size,
-        "elapsed_s": round(time.time() - t0, 2),
-    }
-    if resumed:
-        report["resumed"] = resumed
-    if info.is_main:
-        write_json_atomic(run_dir / "losses.json", losses)
-        write_json_atomic(run_dir / "config.json", to_dict(cfg))
-        path = write_report(run_dir, report, title=f"dsunlearn: {cfg.name}")
-        progress.remove()  # the report now holds everything; a new run may start here
+    report = build_report(run, refs, results, t0)
+    if run.info.is_main:
+        write_json_atomic(run.run_dir / "losses.json", {n: r.losses for n, r in results.items()})
+        write_json_atomic(run.run_dir / "config.json", to_dict(cfg))
+        path = write_report(run.run_dir, report, title=f"dsunlearn: {cfg.name}")
+        run.progress.remove()  # the report now holds everything; a new run may start here
         log.info(f"report: {path} ({report['elapsed_s']:.1f} s)")
+    run.tracker.close()
     barrier()
     preempt.uninstall()
-    return run_dir / "report.json"
+    return run.run_dir / "report.json"

@@ -22,12 +22,21 @@ Metric names are ``{set}_{kind}_{metric}``:
 - ``cloze_acc``: Mask_Task sentences ("__" is the blank) with `CLOZE_INSTRUCTION`; correct when
   the ground truth occurs in the answer (`metrics.cloze_correct`).
 
+Plus min-k% membership inference (as the built-in protocol: the forget people's training VQA
+pairs on their training pictures vs on their Test_Set pictures) and, for forget quality, the
+truth ratios of the forget people's picture questions scored by option likelihood
+(`verdict.py`; the letter answers of a generation have no probability to compare).
+
+Validation and test: `Benchmark.split` (a folder's Val_Set/, else the seeded item hash, which
+also splits the celebrities' items).
+
 Every model-touching function must be called by all ranks together (items are sharded over
 ranks by `scoring.generate_answers`), so it runs on ZeRO-3 sharded weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,9 +55,19 @@ from dsunlearn.data.examples import (
     mc_vqa_examples,
     subsample,
 )
-from dsunlearn.data.mllmu import CELEBRITY_DIR, TEST_DIR, TYPE_IMAGE, TYPE_TEXT
+from dsunlearn.data.mllmu import (
+    CELEBRITY_DIR,
+    TEST_DIR,
+    TYPE_IMAGE,
+    TYPE_TEXT,
+    load_celebrities,
+    split_records,
+)
 from dsunlearn.engine.dist import DistInfo
-from dsunlearn.eval.evaluate import _per_rank
+from dsunlearn.eval.benchmarks.base import Scored, check_split, eval_mode, register
+from dsunlearn.eval.benchmarks.builtin import MIA_KEY, MIA_NOTE, BenchmarkProtocol, heldout_mia_sets
+from dsunlearn.eval.benchmarks.membership import MiaSets, mia_mink_auc
+from dsunlearn.eval.evaluate import per_rank_batch
 from dsunlearn.eval.metrics import (
     MC_LETTERS,
     cloze_correct,
@@ -58,7 +77,8 @@ from dsunlearn.eval.metrics import (
     rouge_l,
     sentence_bleu,
 )
-from dsunlearn.eval.scoring import generate_answers
+from dsunlearn.eval.scoring import generate_answers, option_scores
+from dsunlearn.eval.verdict import truth_ratios
 
 SETS = ("forget", "test", "retain", "celebrity")
 KINDS = ("image", "text")
@@ -89,6 +109,9 @@ class MllmuSets:
     gen: dict[str, list[GenExample]] = field(default_factory=dict)
     cloze: dict[str, list[GenExample]] = field(default_factory=dict)
     omitted: dict[str, str] = field(default_factory=dict)
+    # the forget people's picture questions scored by option likelihood: their truth ratios
+    truth: list[MCExample] = field(default_factory=list)
+    mia: MiaSets | None = None
 
 
 def letter_prompt(item: MCExample, shots: Sequence[MCExample] = ()) -> LetterQuestion:
@@ -184,7 +207,13 @@ def _generate_all(
     if not flat:
         return {}
     answers = generate_answers(
-        model, processor, [it for _, it in flat], _per_rank(cfg, info), max_new_tokens, info, zero3
+        model,
+        processor,
+        [it for _, it in flat],
+        per_rank_batch(cfg, info),
+        max_new_tokens,
+        info,
+        zero3,
     )
     out: dict[str, list[str]] = {key: [] for key in table}
     for (key, _), a in zip(flat, answers, strict=True):
@@ -196,9 +225,7 @@ def evaluate_mllmu(
     model: Any, processor: Any, sets: MllmuSets, cfg: EvalConfig, info: DistInfo, zero3: bool
 ) -> dict[str, float]:
     """Every metric of the protocol; all ranks must call this together."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         letters = _generate_all(
             model, processor, sets.letter, LETTER_MAX_NEW_TOKENS, cfg, info, zero3
         )
@@ -211,8 +238,6 @@ def evaluate_mllmu(
             info,
             zero3,
         )
-    finally:
-        model.train(was_training)
     out: dict[str, float] = {}
     named: list[bool] = []
     for key, items in sets.letter.items():
@@ -230,3 +255,71 @@ def evaluate_mllmu(
             [float(cloze_correct(a, it.reference)) for a, it in zip(free[key], items, strict=True)]
         )
     return out
+
+
+@register
+class MllmuProtocol(BenchmarkProtocol):
+    name = "mllmu"
+    forget_key = "forget_image_mc_acc"
+    retain_key = "retain_image_mc_acc"
+    truth_key = "forget_image_mc_acc"
+
+    def build(self, split: str) -> MllmuSets:
+        bench = self.benchmark()
+        view = bench.split(check_split(split))
+        cap = self.cfg.val_max_items if split == "val" else self.cfg.max_items
+        cfg = dataclasses.replace(self.cfg, max_items=cap)
+        celebrities = split_records(
+            load_celebrities(self.path), split, self.data.val_pct, self.data.split_seed
+        )
+        sets = build_mllmu_sets(view, celebrities, cfg, self.seed)
+        sets.truth = subsample(mc_vqa_examples(view.forget), cap, self.seed)
+        if split == "test":
+            sets.mia = heldout_mia_sets(view, cfg)
+        return sets
+
+    def score(
+        self,
+        model: Any,
+        processor: Any,
+        sets: MllmuSets,
+        info: DistInfo,
+        zero3: bool,
+        original: Scored | None = None,
+    ) -> Scored:
+        metrics = evaluate_mllmu(model, processor, sets, self.cfg, info, zero3)
+        metrics.update(mia_mink_auc(model, processor, sets.mia, self.cfg, info, MIA_KEY))
+        ratios: list[float] = []
+        if sets.truth:
+            with eval_mode(model):
+                per_rank = max(1, per_rank_batch(self.cfg, info) // 4)
+                scores = option_scores(model, processor, sets.truth, per_rank, info)
+            ratios = truth_ratios(scores, sets.truth)
+        return Scored(metrics, ratios)
+
+    def facts(self, sets: MllmuSets, with_original: bool) -> dict[str, Any]:
+        counts = {
+            key: len(v) for table in (sets.letter, sets.gen, sets.cloze) for key, v in table.items()
+        }
+        facts: dict[str, Any] = {
+            "forget_pct": self.data.forget_pct,
+            "items": counts,
+            "shots": SHOTS,
+            "omitted": dict(sets.omitted),
+            "notes": [
+                "sets: forget, test (forget people's Test_Set pictures), retain, celebrity "
+                "(Retain_Set); kinds: image (picture attached) and text (question names the "
+                "person)",
+                "mc_acc / mc_fewshot_acc: greedy answer to the lettered options, its letter read "
+                f"by metrics.parse_choice_letter; few-shot: {SHOTS} solved questions of retain "
+                "people as text before it; mc_no_letter_rate: answers naming no option",
+                "gen: ROUGE-L F1 and sentence BLEU-4 (smoothing 1); cloze: ground truth in the "
+                "answer",
+                "truth ratios (forget quality): the forget people's picture questions, options "
+                "scored by mean token log-likelihood",
+            ],
+        }
+        if sets.mia is not None:
+            facts["mia"] = sets.mia.facts(MIA_KEY)
+            facts["notes"].append(MIA_NOTE)
+        return facts
