@@ -92,3 +92,15 @@ def rerun_under_interpreter(test_file: str, keyword: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+
+
+def assert_gold_verdicts(report: dict, md: str) -> None:
+    """The gold row and every other row's forget quality and gap (the gold model is the
+    evaluated model here: p-value 1, every gap 0)."""
+    (name,) = report["methods"]
+    assert report["gold"] == report["methods"][name]
+    for row in (name, "vanilla"):
+        q = report["vs_gold"][row]["forget_quality"]
+        assert q["p_value"] == pytest.approx(1.0) and q["n"] == q["n_gold"] > 0
+        assert set(report["vs_gold"][row]["gap"].values()) == {0.0}
+    assert "| gold |" in md and "## Against the gold model" in md

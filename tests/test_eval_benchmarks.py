@@ -16,7 +16,7 @@ from dsunlearn.eval.benchmarks import mmubench as U
 from dsunlearn.eval.judge import JUDGE_NAME
 from dsunlearn.eval.mia import concept_kl
 from dsunlearn.report import validate_report
-from tests.conftest import run_cli
+from tests.conftest import assert_gold_verdicts, run_cli
 
 SMALL = ["max_items=6", "gen_max_new_tokens=4"]
 
@@ -90,12 +90,22 @@ def _unit(value: float) -> bool:
 
 def test_clear(tmp_path, clear_dir, random_vanilla):
     report, md = _eval(
-        tmp_path, "clear", random_vanilla, clear_dir, "--vanilla", str(random_vanilla)
+        tmp_path,
+        "clear",
+        random_vanilla,
+        clear_dir,
+        "--vanilla",
+        str(random_vanilla),
+        "--gold",
+        str(random_vanilla),
     )
     (row,) = report["methods"].values()
     assert set(row) == CLEAR_KEYS and set(report["vanilla"]) == CLEAR_KEYS
     assert all(_unit(v) for v in row.values()), row
     assert row == report["vanilla"]  # the same model twice
+    assert_gold_verdicts(report, md)
+    assert report["benchmark"]["split"] == "test"
+    assert report["benchmark"]["split_rule"].startswith("hash: ")
     assert report["benchmark"]["forget_pct"] == 10
     assert "forget10_perturbed" in report["benchmark"]["configs"]
     assert "Benchmark: clear" in md and "forget_name_mc_acc" in md

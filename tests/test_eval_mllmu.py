@@ -21,7 +21,7 @@ from dsunlearn.errors import DataError
 from dsunlearn.eval.benchmarks import mllmu as M
 from dsunlearn.eval.benchmarks.builtin import MIA_KEY
 from dsunlearn.report import validate_report
-from tests.conftest import run_cli
+from tests.conftest import assert_gold_verdicts, run_cli
 
 METRICS = ("mc_acc", "mc_fewshot_acc", "gen_rouge_l", "gen_bleu", "cloze_acc")
 
@@ -182,7 +182,9 @@ def _run(tmp_path, data, model, *extra):
 
 
 def test_cli_reports_every_set(tmp_path, celeb_bench, random_vanilla):
-    report, md = _run(tmp_path, celeb_bench, random_vanilla, "--vanilla", str(random_vanilla))
+    both = ("--vanilla", str(random_vanilla), "--gold", str(random_vanilla))
+    report, md = _run(tmp_path, celeb_bench, random_vanilla, *both)
+    assert_gold_verdicts(report, md)
     (row,) = report["methods"].values()
     assert set(row) == keys() and row == report["vanilla"]  # the same model twice
     assert all(0.0 <= v <= 1.0 for v in row.values()), row

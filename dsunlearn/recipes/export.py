@@ -2,7 +2,9 @@
 
 Read top to bottom:
   1. find the checkpoint (a save folder with `latest`, or one of its `step<N>` tags) and its
-     record `dsunlearn.json` (method, step, the run's config, the model it started from);
+     record `dsunlearn.json` (method, step, the run's config, the model it started from); a
+     run's final checkpoint holds the weights of the step in-run selection chose
+     (`selected_step`, tag `step<N>-selected<S>`), which are the ones the report evaluated;
   2. gather the ZeRO-3 partitions of every rank into one fp32 state dict with DeepSpeed's own
      `get_fp32_state_dict_from_zero_checkpoint`, in this one process (no ranks, no GPU);
   3. rebuild the architecture from the run's starting model through the project's loader (and
@@ -234,7 +236,7 @@ def run_metrics(
 
     if not cfg.eval.enabled:
         return "not evaluated (the run had eval.enabled=false)"
-    if int(meta["step"]) != int(meta["steps"]):
+    if "selected_step" not in meta and int(meta["step"]) != int(meta["steps"]):
         step = f"step {meta['step']} of {meta['steps']}"
         return f"not evaluated ({step}: the run evaluates its final model only)"
     run_dir = save_dir.parent.parent
@@ -250,6 +252,15 @@ def run_metrics(
     if not ours:
         return "not evaluated"
     return vanilla, ours
+
+
+def _step_fact(meta: dict[str, Any]) -> str:
+    """The checkpoint's step, and the selected step whose weights it holds when they differ."""
+    fact = f"{meta['step']} of {meta['steps']}"
+    selected = meta.get("selected_step")
+    if selected is not None and int(selected) != int(meta["step"]):
+        fact += f" (the weights of step {selected}, chosen by in-run selection)"
+    return fact
 
 
 def _fmt(v: Any) -> str:
@@ -362,7 +373,7 @@ def run_export(
     facts = {
         "library": "peft" if adapter else "transformers",
         "method": str(meta["method"]),
-        "step": f"{meta['step']} of {meta['steps']}",
+        "step": _step_fact(meta),
         "started from": f"`{_base_reference(base)}`",
         "LoRA": (
             "none (every weight trained)"
