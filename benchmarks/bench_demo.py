@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_demo.py [--ranks 2]
 
-Writes benchmarks/results/demo.json (wall time, machine, the report's table) and prints the
-line to put in benchmarks/RESULTS.md. The venv must already be built (the demo's budget
+Writes benchmarks/results/demo.json (wall time, machine, the report's table with the gold row,
+forget quality, the selected steps) and prints the line to put in benchmarks/RESULTS.md. The venv must already be built (the demo's budget
 excludes the install).
 """
 
@@ -47,7 +47,16 @@ def main() -> None:
         "report_elapsed_s": report["elapsed_s"],
         "world_size": report["world_size"],
         "vanilla": report["vanilla"],
+        "gold": report.get("gold", {}),
         "methods": report["methods"],
+        "forget_quality": {
+            name: v["forget_quality"]
+            for name, v in report.get("vs_gold", {}).items()
+            if "forget_quality" in v
+        },
+        "selection": report["selection"],
+        "val": report.get("val", {}),
+        "timing": report.get("timing", {}),
         "date": time.strftime("%Y-%m-%d"),
     }
     out = REPO / "benchmarks" / "results" / "demo.json"

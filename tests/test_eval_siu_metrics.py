@@ -15,7 +15,7 @@ from dsunlearn.engine.dist import DistInfo
 from dsunlearn.eval.evaluate import (
     EvalSets,
     build_eval_sets,
-    evaluate,
+    evaluate_suite,
     generate_probe_answers,
     probe_fluency,
 )
@@ -77,7 +77,7 @@ def test_siu_image_index_moves_the_train_probes(bench):
 def test_evaluate_adds_probe_metrics_and_own_flu(tiny, sets):
     model, processor = tiny
     sets = EvalSets(mc={}, gen={}, probes=sets.probes)  # probes only: keeps the test quick
-    out = evaluate(model, processor, sets, CFG, INFO, zero3=False)
+    out = evaluate_suite(model, processor, sets, CFG, INFO, zero3=False).metrics
     assert {"eff", "gen", "div", "flu"} <= out.keys()
     for k in ("eff", "gen", "div"):
         assert 0.0 <= out[k] <= 1.0
@@ -88,9 +88,9 @@ def test_evaluate_adds_probe_metrics_and_own_flu(tiny, sets):
     assert out["flu"] == pytest.approx(probe_fluency(model, processor, sets.probes, own, 16, INFO))
     # ... and `original_answers` changes what is scored
     other = ["I do not know who this is ." for _ in sets.probes]
-    out2 = evaluate(
+    out2 = evaluate_suite(
         model, processor, sets, CFG, INFO, zero3=False, original_answers=other, probe_answers=own
-    )
+    ).metrics
     assert out2["eff"] == out["eff"] and out2["div"] == out["div"]
     assert out2["flu"] != pytest.approx(out["flu"])
 
@@ -107,7 +107,9 @@ def test_no_generation_no_probes(tiny, sets, monkeypatch):
     small = EvalSets(
         mc={"forget_vqa_acc": sets.mc["forget_vqa_acc"]}, gen=sets.gen, probes=sets.probes
     )
-    out = evaluate(model, processor, small, CFG, INFO, zero3=False, include_generation=False)
+    out = evaluate_suite(
+        model, processor, small, CFG, INFO, zero3=False, include_generation=False
+    ).metrics
     assert set(out) == {"forget_vqa_acc"}
 
 

@@ -205,28 +205,3 @@ def evaluate_suite(
         out.metrics["flu"] = probe_fluency(model, processor, sets.probes, reference, per_rank, info)
     model.train(was_training)
     return out
-
-
-def evaluate(
-    model: Any,
-    processor: Any,
-    sets: EvalSets,
-    cfg: EvalConfig,
-    info: DistInfo,
-    zero3: bool,
-    include_generation: bool = True,
-    original_answers: list[str] | None = None,
-    probe_answers: list[str] | None = None,
-) -> dict[str, float]:
-    """The metrics of `evaluate_suite` alone; all ranks must call this together."""
-    return evaluate_suite(
-        model,
-        processor,
-        sets,
-        cfg,
-        info,
-        zero3,
-        include_generation=include_generation,
-        original_answers=original_answers,
-        probe_answers=probe_answers,
-    ).metrics

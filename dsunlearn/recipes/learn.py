@@ -30,7 +30,7 @@ from dsunlearn.engine.batches import global_batches
 from dsunlearn.engine.dist import barrier, get_logger, init_distributed
 from dsunlearn.engine.engine import build_train_engine, optimizer_step
 from dsunlearn.errors import ConfigError, DsunlearnError
-from dsunlearn.eval.evaluate import build_eval_sets, evaluate
+from dsunlearn.eval.evaluate import build_eval_sets, evaluate_suite
 from dsunlearn.fsutil import atomic_dir, write_json_atomic
 from dsunlearn.models.encode import logits_of, sequence_nll
 from dsunlearn.models.loader import load_model_and_processor, save_model_and_processor
@@ -150,9 +150,9 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
         optimizer_step(engine, loss, f"learn step {step}")
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.eval_every == 0 or step == max_steps:
-            metrics = evaluate(
+            metrics = evaluate_suite(
                 engine.module, processor, sets, cfg.eval, info, zero3, include_generation=False
-            )
+            ).metrics
             history.append({"step": step, "loss": loss.item(), **metrics})
             log.info(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
             if min(metrics.values()) >= cfg.target_acc and not (verify_steps or cfg.gold):
@@ -173,7 +173,7 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
         log.info(f"learn reproduces {out_dir} over its first {verify_steps} steps")
         return out_dir
 
-    final = evaluate(engine.module, processor, sets, cfg.eval, info, zero3)
+    final = evaluate_suite(engine.module, processor, sets, cfg.eval, info, zero3).metrics
     reached = min(v for k, v in final.items() if k.endswith("_acc")) >= cfg.target_acc
     state = full_state_dict(engine.module, zero3)
     if info.is_main:
