@@ -28,7 +28,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,71 @@ def selection_targets(run: Run, refs: References) -> Targets | None:
     return Targets(p.forget_key, p.retain_key, gold, refs.vanilla_val.metrics[p.retain_key], source)
 
 
+@dataclass
+class MethodState:
+    """What one method's run carries from step to step, and (each rank its own) into its
+    checkpoints: the loss and validation curves, the selection, the selected weights."""
+
+    selector: Selector | None
+    losses: list[dict[str, float]] = field(default_factory=list)
+    curve: list[dict[str, float]] = field(default_factory=list)
+    snapshot: Snapshot | None = None
+    timing: dict[str, float] = field(
+        default_factory=lambda: {"train_s": 0.0, "val_s": 0.0, "test_s": 0.0}
+    )
+    finished: bool = False  # nothing left to train (the final checkpoint, or an early stop)
+
+    def checkpoint_state(self, view_rng: np.random.Generator, finished: bool = False):
+        return {
+            "rng": checkpoint.rng_state(),
+            "view_rng": view_rng.bit_generator.state,
+            "losses": self.losses,
+            "val_curve": self.curve,
+            "selector": self.selector.state() if self.selector else None,
+            "snapshot": self.snapshot.state() if self.snapshot else None,
+            "timing": self.timing,
+            "finished": finished,
+        }
+
+    def load(self, state: dict[str, Any], cfg: UnlearnConfig) -> None:
+        """Continue from a checkpoint's state (the RNG and data position are the caller's)."""
+        self.losses, self.curve, self.timing = state["losses"], state["val_curve"], state["timing"]
+        if self.selector is not None and state["selector"]:
+            self.selector = Selector.from_state(
+                cfg.select, self.selector.targets, cfg.early_stop.patience, state["selector"]
+            )
+        self.snapshot = Snapshot.from_state(state["snapshot"])
+        self.finished = state["finished"] or (
+            self.selector is not None and self.selector.should_stop
+        )
+
+
+def train_iteration(
+    method: Method, run: Run, engine: Any, step: int, forget: list[Any], retains: list[list[Any]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """One iteration: a forget step, then the method's retain steps. Returns the losses (mean
+    over ranks) and what tracking logs besides (learning rate, gradient norms)."""
+    info = run.info
+    row: dict[str, float] = {"step": step}
+    batch = encode_batch(run.processor, forget, info.device)
+    loss = method.forget_loss(engine, batch, run.ref)
+    forget_hook = partial(method.before_step, phase="forget")
+    optimizer_step(engine, loss, f"{method.name} forget step {step}", forget_hook)
+    row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
+    scalars = {f"forget_{k}": v for k, v in step_scalars(engine).items()}
+    retain_losses = []
+    for examples in retains:
+        batch = encode_batch(run.processor, examples, info.device)
+        loss = method.retain_loss(engine, batch, run.ref)
+        retain_hook = partial(method.before_step, phase="retain")
+        optimizer_step(engine, loss, f"{method.name} retain step {step}", retain_hook)
+        retain_losses.append(_mean_over_ranks(loss, info.world_size))
+    if retain_losses:
+        row["retain_loss"] = sum(retain_losses) / len(retain_losses)
+        scalars.update({f"retain_{k}": v for k, v in step_scalars(engine).items()})
+    return row, scalars
+
+
 def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     """Train one method from the vanilla weights, select its step, evaluate it on test."""
     cfg, info, log = run.cfg, run.info, get_logger()
@@ -252,94 +317,57 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     f_stream = balanced_batches(forget_train, B, info.rank, info.world_size, cfg.seed)
     r_stream = balanced_batches(retain_train, B, info.rank, info.world_size, cfg.seed + 1)
     view_rng = np.random.default_rng([cfg.seed, info.rank])
-    targets = selection_targets(run, refs)
-    selector = Selector(cfg.select, targets, cfg.early_stop.patience) if run.val_sets else None
-    losses: list[dict[str, float]] = []
-    curve: list[dict[str, float]] = []
-    snapshot: Snapshot | None = None
-    timing = {"train_s": 0.0, "val_s": 0.0, "test_s": 0.0}
-    start, finished = 0, False
+    selector = None
+    if run.val_sets is not None:
+        targets = selection_targets(run, refs)
+        selector = Selector(cfg.select, targets, cfg.early_stop.patience)
+    st = MethodState(selector)
+    start = 0
     if resume is not None:
         # Weights, optimizer moments, LR schedule: DeepSpeed's files, each rank its own
         # partition. Data position, RNG and selection: ours. Together: bit for bit.
         engine.load_checkpoint(str(save_dir), tag=resume.tag)
-        state = resume.rank_state
-        start, losses, curve = resume.step, state["losses"], state["val_curve"]
+        start = resume.step
         for _ in range(start):
             next(f_stream)
         for _ in range(start * n_retain):
             next(r_stream)
-        view_rng.bit_generator.state = state["view_rng"]
-        checkpoint.set_rng_state(state["rng"])
-        if selector is not None and state["selector"]:
-            selector = Selector.from_state(
-                cfg.select, targets, cfg.early_stop.patience, state["selector"]
-            )
-        snapshot = Snapshot.from_state(state["snapshot"])
-        timing.update(state["timing"])
-        # The final checkpoint, or a stop the early-stopping rule had called: nothing to train.
-        finished = state["finished"] or (selector is not None and selector.should_stop)
-
-    def rank_state(finished: bool = False) -> dict[str, Any]:
-        """This rank's part of a checkpoint: what the run continues from, besides the engine."""
-        return {
-            "rng": checkpoint.rng_state(),
-            "view_rng": view_rng.bit_generator.state,
-            "losses": losses,
-            "val_curve": curve,
-            "selector": selector.state() if selector else None,
-            "snapshot": snapshot.state() if snapshot else None,
-            "timing": timing,
-            "finished": finished,
-        }
-
+        view_rng.bit_generator.state = resume.rank_state["view_rng"]
+        checkpoint.set_rng_state(resume.rank_state["rng"])
+        st.load(resume.rank_state, cfg)
     mask_share = method.report_info().get("selected_share")
 
     last = start
-    todo = range(start + 1, (start if finished else steps) + 1)
+    todo = range(start + 1, (start if st.finished else steps) + 1)
     bar = tqdm(todo, desc=method.name, disable=not info.is_main)
     for step in bar:
         tick = time.time()
-        row: dict[str, float] = {"step": step}
-        batch = encode_batch(run.processor, method.views(next(f_stream), view_rng), info.device)
-        loss = method.forget_loss(engine, batch, run.ref)
-        forget_hook = partial(method.before_step, phase="forget")
-        optimizer_step(engine, loss, f"{method.name} forget step {step}", forget_hook)
-        row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
-        scalars = {f"forget_{k}": v for k, v in step_scalars(engine).items()}
-        retain_losses = []
-        for _ in range(n_retain):
-            batch = encode_batch(run.processor, next(r_stream), info.device)
-            loss = method.retain_loss(engine, batch, run.ref)
-            retain_hook = partial(method.before_step, phase="retain")
-            optimizer_step(engine, loss, f"{method.name} retain step {step}", retain_hook)
-            retain_losses.append(_mean_over_ranks(loss, info.world_size))
-        if retain_losses:
-            row["retain_loss"] = sum(retain_losses) / len(retain_losses)
-            scalars.update({f"retain_{k}": v for k, v in step_scalars(engine).items()})
-        losses.append(row)
+        forget = method.views(next(f_stream), view_rng)
+        retains = [next(r_stream) for _ in range(n_retain)]
+        row, scalars = train_iteration(method, run, engine, step, forget, retains)
+        st.losses.append(row)
         if mask_share is not None:
             scalars["mask_share"] = mask_share
         run.tracker.log(_prefixed(method.name, "train", {**row, **scalars}), step)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "step"})
         last = step
-        timing["train_s"] += time.time() - tick
+        st.timing["train_s"] += time.time() - tick
 
         # In-run evaluation: the validation split only; the selection keeps its weights.
         stop_early = False
-        if selector is not None and (step % cfg.eval.every == 0 or step == steps):
+        if st.selector is not None and (step % cfg.eval.every == 0 or step == steps):
             tick = time.time()
             val = run.score(engine.module, run.val_sets, refs.vanilla_val).metrics
-            curve.append({"step": step, **val})
-            if selector.observe(step, val):
-                snapshot = Snapshot.capture(engine, step)
+            st.curve.append({"step": step, **val})
+            if st.selector.observe(step, val):
+                st.snapshot = Snapshot.capture(engine, step)
             run.tracker.log(_prefixed(method.name, "val", val), step)
-            stop_early = selector.should_stop
-            timing["val_s"] += time.time() - tick
+            stop_early = st.selector.should_stop
+            st.timing["val_s"] += time.time() - tick
             log.info(
                 f"{method.name} step {step} (validation): "
                 + ", ".join(f"{k}={v:.3f}" for k, v in val.items())
-                + f"; selected step {selector.step}"
+                + f"; selected step {st.selector.step}"
             )
 
         # The step boundary: every rank takes the same branch (the flag is all-reduced).
@@ -347,7 +375,8 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         stop = signalled or step == cfg.checkpoint.stop_at
         every = cfg.checkpoint.every
         if stop or (every > 0 and step % every == 0):
-            folder = _save(run, engine, method, save_dir, step, steps, rank_state())
+            state = st.checkpoint_state(view_rng)
+            folder = _save(run, engine, method, save_dir, step, steps, state)
         if stop:
             why = f"signal {run.preempt.name}" if signalled else f"checkpoint.stop_at={step}"
             raise Preempted(
@@ -368,32 +397,33 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         "criterion": "last",
         "reason": "no in-run evaluation",
     }
-    if selector is not None:
-        selection = {**selector.summary(), "steps_run": last, "early_stopped": last < steps}
-        if snapshot is not None and snapshot.step != last:
-            snapshot.restore(engine)
+    if st.selector is not None:
+        selection = {**st.selector.summary(), "steps_run": last, "early_stopped": last < steps}
+        if st.snapshot is not None and st.snapshot.step != last:
+            st.snapshot.restore(engine)
     if cfg.checkpoint.final:
-        _save(run, engine, method, save_dir, last, steps, rank_state(True), selection["step"])
+        state = st.checkpoint_state(view_rng, finished=True)
+        _save(run, engine, method, save_dir, last, steps, state, selection["step"])
     metrics: dict[str, float] = {}
     ratios: list[float] = []
     if cfg.eval.enabled:
         tick = time.time()
         scored = run.score(engine.module, run.test_sets, refs.vanilla)
         metrics, ratios = scored.metrics, scored.truth_ratios
-        timing["test_s"] = time.time() - tick
+        st.timing["test_s"] = time.time() - tick
         log.info(f"{method.name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-    timing["total_s"] = time.time() - t0
+    st.timing["total_s"] = time.time() - t0
     del engine, model
     gc.collect()
     return MethodResult(
         name=method.name,
         metrics=metrics,
-        losses=losses,
-        curve=curve,
+        losses=st.losses,
+        curve=st.curve,
         selection=selection,
         truth_ratios=ratios,
         info=method.report_info(),
-        timing={k: round(v, 3) for k, v in timing.items()},
+        timing={k: round(v, 3) for k, v in st.timing.items()},
         resumed={"from_step": resume.step} if resume else None,
     )
 
