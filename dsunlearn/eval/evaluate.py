@@ -34,7 +34,13 @@ from dsunlearn.data.examples import (
 from dsunlearn.data.siu import name_token_ids
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.eval.metrics import accuracy, mean, perplexity, probe_metrics, rouge_l
-from dsunlearn.eval.scoring import answer_nll, generate_answers, option_scores, picked_correctly
+from dsunlearn.eval.scoring import (
+    answer_nll,
+    eval_mode,
+    generate_answers,
+    option_scores,
+    picked_correctly,
+)
 
 CHANCE = 0.25  # four options per multiple-choice question
 PROBE_MIN_NEW_TOKENS = 16  # EvalConfig has no probe length of its own: see probe_max_new_tokens
@@ -105,9 +111,7 @@ def generate_probe_answers(
     """Greedy answers to `sets.probes`, in order, on every rank; all ranks must call this."""
     if not sets.probes:
         return []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return generate_answers(
             model,
             processor,
@@ -117,8 +121,6 @@ def generate_probe_answers(
             info,
             zero3,
         )
-    finally:
-        model.train(was_training)
 
 
 def probe_fluency(
@@ -173,35 +175,35 @@ def evaluate_suite(
     Without `include_generation` no generation runs at all: no rouge, eff, gen, div or flu.
     """
     per_rank = per_rank_batch(cfg, info)
-    was_training = model.training
-    model.eval()
     out = SuiteScores(metrics={})
-    for name, items in sets.mc.items():
-        if items:
-            # 4 option rows per question: keep the forward batch near cfg.batch_size rows.
-            scores = option_scores(model, processor, items, max(1, per_rank // 4), info)
-            out.option_scores[name] = scores
-            out.metrics[name] = accuracy(picked_correctly(scores, items))
-    if include_generation:
-        for name, items in sets.gen.items():
+    with eval_mode(model):
+        for name, items in sets.mc.items():
             if items:
-                answers = generate_answers(
-                    model, processor, items, per_rank, cfg.gen_max_new_tokens, info, zero3
-                )
-                out.metrics[name] = mean(
-                    [rouge_l(a, it.reference) for a, it in zip(answers, items, strict=True)]
-                )
-    if include_generation and sets.probes:
-        own = probe_answers
-        if own is None:
-            own = generate_probe_answers(model, processor, sets, cfg, info, zero3)
-        elif len(own) != len(sets.probes):
-            raise ValueError(f"{len(own)} probe answers for {len(sets.probes)} probes")
-        out.probe_answers = list(own)
-        out.metrics.update(
-            probe_metrics(own, [p.name for p in sets.probes], [p.split for p in sets.probes])
-        )
-        reference = own if original_answers is None else original_answers
-        out.metrics["flu"] = probe_fluency(model, processor, sets.probes, reference, per_rank, info)
-    model.train(was_training)
+                # 4 option rows per question: keep the forward batch near cfg.batch_size rows.
+                scores = option_scores(model, processor, items, max(1, per_rank // 4), info)
+                out.option_scores[name] = scores
+                out.metrics[name] = accuracy(picked_correctly(scores, items))
+        if include_generation:
+            for name, items in sets.gen.items():
+                if items:
+                    answers = generate_answers(
+                        model, processor, items, per_rank, cfg.gen_max_new_tokens, info, zero3
+                    )
+                    out.metrics[name] = mean(
+                        [rouge_l(a, it.reference) for a, it in zip(answers, items, strict=True)]
+                    )
+        if include_generation and sets.probes:
+            own = probe_answers
+            if own is None:
+                own = generate_probe_answers(model, processor, sets, cfg, info, zero3)
+            elif len(own) != len(sets.probes):
+                raise ValueError(f"{len(own)} probe answers for {len(sets.probes)} probes")
+            out.probe_answers = list(own)
+            out.metrics.update(
+                probe_metrics(own, [p.name for p in sets.probes], [p.split for p in sets.probes])
+            )
+            reference = own if original_answers is None else original_answers
+            out.metrics["flu"] = probe_fluency(
+                model, processor, sets.probes, reference, per_rank, info
+            )
     return out

@@ -9,7 +9,8 @@ every rank in item order. Option scores, greedy answers and teacher-forced answe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -27,6 +28,17 @@ from dsunlearn.models.encode import (
 
 T = TypeVar("T")
 V = TypeVar("V")
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """`model.eval()` for the block (no dropout while scoring), then its former mode again."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

@@ -16,9 +16,7 @@ original (flu, MMUBench's MIA recall and C-Dis) read its `outputs`.
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,8 +24,6 @@ from dsunlearn.config import DataConfig, EvalConfig
 from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.errors import ConfigError
-
-SPLITS = ("val", "test")
 
 
 @dataclass
@@ -120,12 +116,6 @@ def register(cls: type[Protocol]) -> type[Protocol]:
     return cls
 
 
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
-    return split
-
-
 def build_protocol(
     name: str,
     data: DataConfig,
@@ -140,14 +130,3 @@ def build_protocol(
     if name not in REGISTRY:
         raise ConfigError(f"unknown benchmark '{name}' (known: {', '.join(REGISTRY)})")
     return REGISTRY[name](data, cfg, seed, bench, siu_image_index)
-
-
-@contextlib.contextmanager
-def eval_mode(model: Any) -> Iterator[None]:
-    """`model.eval()` for the block, then its former mode again."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

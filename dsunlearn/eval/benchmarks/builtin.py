@@ -23,7 +23,7 @@ from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.data.examples import QAExample
 from dsunlearn.data.mllmu import load_benchmark
 from dsunlearn.engine.dist import DistInfo
-from dsunlearn.eval.benchmarks.base import Protocol, Scored, check_split, register
+from dsunlearn.eval.benchmarks.base import Protocol, Scored, register
 from dsunlearn.eval.benchmarks.membership import MiaSets, capped, mia_mink_auc
 from dsunlearn.eval.evaluate import EvalSets, build_eval_sets, evaluate_suite
 from dsunlearn.eval.verdict import truth_ratios
@@ -81,7 +81,7 @@ class BuiltinProtocol(BenchmarkProtocol):
     truth_key = "forget_vqa_acc"
 
     def build(self, split: str) -> BuiltinSets:
-        view = self.benchmark().split(check_split(split))
+        view = self.benchmark().split(split)
         if split == "val":
             suite = build_eval_sets(
                 view,

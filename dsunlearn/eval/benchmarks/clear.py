@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsunlearn.data import clear as clear_data
+from dsunlearn.data.benchmark import check_split
 from dsunlearn.data.examples import GenExample, MCExample, QAExample, subsample
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.errors import DataError
-from dsunlearn.eval.benchmarks.base import Protocol, Scored, check_split, register
+from dsunlearn.eval.benchmarks.base import Protocol, Scored, register
 from dsunlearn.eval.benchmarks.membership import MiaSets, capped, mia_mink_auc
 from dsunlearn.eval.evaluate import EvalSets, evaluate_suite
 from dsunlearn.eval.metrics import name_choice_options

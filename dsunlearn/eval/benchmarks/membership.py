@@ -15,10 +15,9 @@ import torch
 from dsunlearn.config import EvalConfig
 from dsunlearn.data.examples import QAExample, subsample
 from dsunlearn.engine.dist import DistInfo
-from dsunlearn.eval.benchmarks.base import eval_mode
 from dsunlearn.eval.evaluate import per_rank_batch
 from dsunlearn.eval.mia import answer_token_logprobs, auc, min_k_percent
-from dsunlearn.eval.scoring import map_answer_rows
+from dsunlearn.eval.scoring import eval_mode, map_answer_rows
 
 MINK_K = 20.0
 

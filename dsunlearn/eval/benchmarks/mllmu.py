@@ -64,7 +64,7 @@ from dsunlearn.data.mllmu import (
     split_records,
 )
 from dsunlearn.engine.dist import DistInfo
-from dsunlearn.eval.benchmarks.base import Scored, check_split, eval_mode, register
+from dsunlearn.eval.benchmarks.base import Scored, register
 from dsunlearn.eval.benchmarks.builtin import MIA_KEY, MIA_NOTE, BenchmarkProtocol, heldout_mia_sets
 from dsunlearn.eval.benchmarks.membership import MiaSets, mia_mink_auc
 from dsunlearn.eval.evaluate import per_rank_batch
@@ -77,7 +77,7 @@ from dsunlearn.eval.metrics import (
     rouge_l,
     sentence_bleu,
 )
-from dsunlearn.eval.scoring import generate_answers, option_scores
+from dsunlearn.eval.scoring import eval_mode, generate_answers, option_scores
 from dsunlearn.eval.verdict import truth_ratios
 
 SETS = ("forget", "test", "retain", "celebrity")
@@ -266,7 +266,7 @@ class MllmuProtocol(BenchmarkProtocol):
 
     def build(self, split: str) -> MllmuSets:
         bench = self.benchmark()
-        view = bench.split(check_split(split))
+        view = bench.split(split)
         cap = self.cfg.val_max_items if split == "val" else self.cfg.max_items
         cfg = dataclasses.replace(self.cfg, max_items=cap)
         celebrities = split_records(

@@ -30,12 +30,13 @@ from typing import Any
 import torch
 
 from dsunlearn.config import EvalConfig
+from dsunlearn.data.benchmark import check_split
 from dsunlearn.data.examples import GenExample, ProbeExample, QAExample, subsample
 from dsunlearn.data.mmubench import MMUBench, load_mmubench
 from dsunlearn.data.siu import name_token_ids
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.errors import ConfigError, DataError
-from dsunlearn.eval.benchmarks.base import Protocol, Scored, check_split, eval_mode, register
+from dsunlearn.eval.benchmarks.base import Protocol, Scored, register
 from dsunlearn.eval.benchmarks.membership import MiaSets, capped, mia_mink_auc
 from dsunlearn.eval.evaluate import (
     EvalSets,
@@ -46,7 +47,7 @@ from dsunlearn.eval.evaluate import (
 from dsunlearn.eval.judge import JUDGE_NAME, judge_answers
 from dsunlearn.eval.metrics import mia_rouge_recall
 from dsunlearn.eval.mia import concept_kl
-from dsunlearn.eval.scoring import generate_answers, map_answer_rows
+from dsunlearn.eval.scoring import eval_mode, generate_answers, map_answer_rows
 from dsunlearn.models.encode import IGNORE_INDEX
 
 MIA_KEY = "mia_mink20_auc_train_vs_test_image"
@@ -219,7 +220,8 @@ class MmubenchProtocol(Protocol):
     name = "mmubench"
 
     def build(self, split: str) -> MMUBenchSets:
-        if check_split(split) == "val":
+        check_split(split)
+        if split == "val":
             raise ConfigError(
                 "MMUBench has no validation split (one training image and its test images per "
                 "concept): evaluate it on test only, and select with select.criterion=last"
