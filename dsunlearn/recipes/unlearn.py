@@ -156,11 +156,11 @@ def setup(cfg: UnlearnConfig, preempt: PreemptionFlag) -> Run:
         siu_image_index=cfg.method.siu_image_index,
     )
     in_run = cfg.eval.enabled and cfg.eval.every > 0
+    val_sets = protocol.build("val") if in_run else None  # one line if it has no such split
     if in_run:
         check_criterion(
             cfg.select, protocol.forget_key is not None and protocol.retain_key is not None
         )
-    val_sets = protocol.build("val") if in_run else None
     test_sets = protocol.build("test") if cfg.eval.enabled else None
     ref_model, processor = load_model_and_processor(
         vanilla, dtype=model_dtype(cfg.model), ds_config=ds

@@ -16,8 +16,8 @@ forget concept).
   images (same text, only whether the picture was trained on differs; omitted when no concept
   has facts).
 
-MMUBench has no retain people and no validation split: it gives test numbers only, and
-in-run selection on it needs `select.criterion=last`.
+MMUBench has no retain people and no validation split: it gives test numbers only, and an
+unlearning run evaluated on it has no in-run evaluation (`eval.every=0`).
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class MmubenchProtocol(Protocol):
         if split == "val":
             raise ConfigError(
                 "MMUBench has no validation split (one training image and its test images per "
-                "concept): evaluate it on test only, and select with select.criterion=last"
+                "concept): evaluate it on test only (eval.every=0, dsunlearn eval --split test)"
             )
         bench = load_mmubench(self.path)
         sets = mmubench_sets(bench, self.cfg, self.seed)
