@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "scipy>=1.11",
     "tensorboard>=2.15",
+    "optuna>=4.0",
+    "psutil>=5.9",
 ]
 
 # report_to=[wandb]: offline runs; reinit="create_new" (a fresh run per open) needs 0.19.10.

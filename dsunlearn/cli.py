@@ -1,4 +1,4 @@
-"""`dsunlearn` command line: data build, learn, unlearn, eval, demo.
+"""`dsunlearn` command line: data build, learn, unlearn, eval, sweep, demo.
 
 Input problems end with one line on stderr (`dsunlearn: error: ...`) and a non-zero exit.
 """
@@ -140,6 +140,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["fp32", "bf16"], help="weights' dtype (default: the run's model.dtype)"
     )
 
+    sw = sub.add_parser(
+        "sweep",
+        help="tune one method with an Optuna study; each trial is a real unlearn run",
+        description="Run trials of an Optuna study (multi-objective by default: closeness to "
+        "gold on forget against retain utility kept, both on the validation split) until it "
+        "has --trials finished trials, then write sweep.json (every trial, the Pareto front, "
+        "the chosen trial, its test-split run) and sweep.png. Start the same command in more "
+        "processes, nodes or Slurm array tasks (launch/sweep.sbatch) to share the work; a "
+        "killed worker's trial is retried, and a restarted sweep continues the study.",
+    )
+    sw.add_argument("--config", required=True, help="YAML UnlearnConfig of every trial")
+    sw.add_argument("--space", required=True, help="search space (configs/sweeps/<method>.yaml)")
+    sw.add_argument("--trials", type=int, required=True, help="finished trials the study needs")
+    sw.add_argument("--study", help="study name (default: <config name>-<method>)")
+    sw.add_argument(
+        "--storage",
+        help="an Optuna RDB URL (sqlite:///x.db, postgresql://...) or a journal file "
+        "(default: <sweep folder>/journal.log)",
+    )
+    sw.add_argument("--ranks", type=int, default=1, help="ZeRO-3 ranks per trial (default 1)")
+    sw.add_argument("--out", help="sweep folder (default: <out_dir>/sweeps/<study>)")
+    sw.add_argument(
+        "--stale-after",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="a trial whose worker (on another host) wrote no heartbeat for S seconds is "
+        "failed and retried (default 120; same-host workers are checked by pid)",
+    )
+    sw.add_argument("overrides", nargs="*", metavar="key=value")
+
     demo = sub.add_parser("demo", help="end-to-end demo on the built-in benchmark")
     demo.add_argument("--config", help="YAML UnlearnConfig (default configs/demo.yaml)")
     demo.add_argument("--ranks", type=int, default=2, help="ZeRO-3 ranks (default 2)")
@@ -207,6 +238,21 @@ def run(args: argparse.Namespace) -> None:
             dtype=args.dtype,
         )
         print(f"exported to {out}")
+    elif args.command == "sweep":
+        from dsunlearn.recipes.sweep import run_sweep
+
+        path = run_sweep(
+            args.config,
+            args.space,
+            args.trials,
+            args.overrides,
+            study_name=args.study,
+            storage=args.storage,
+            ranks=args.ranks,
+            out=args.out,
+            stale_after_s=args.stale_after,
+        )
+        print(f"sweep: {path}")
     elif args.command == "demo":
         from dsunlearn.recipes.demo import run_demo
 

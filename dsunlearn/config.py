@@ -74,6 +74,11 @@ class EvalConfig:
     path: str | None = None
     every: int = 0  # in-run evaluation of the validation split every N iterations (0: none)
     val_max_items: int = 0  # cap per validation metric (0: all); in-run evaluation cost
+    # false: no test split at all (a sweep's trials choose on validation and must not see test)
+    test: bool = True
+    # A folder where the reference models' scores (vanilla, gold) are kept between runs of the
+    # same models, data and evaluation settings: a sweep's trials score them once, not per trial.
+    reference_cache: str = ""
 
 
 @dataclass

@@ -26,6 +26,7 @@ progress from its latest complete checkpoint, bit for bit, selection included.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,16 +54,19 @@ from dsunlearn.engine.engine import (
 )
 from dsunlearn.engine.preempt import PreemptionFlag
 from dsunlearn.engine.snapshot import Snapshot
+from dsunlearn.engine.watchdog import watch_parent_from_env
 from dsunlearn.errors import ConfigError, DataError, ModelError, Preempted
 from dsunlearn.eval.benchmarks import Protocol, Scored, build_protocol
 from dsunlearn.eval.evaluate import CHANCE
 from dsunlearn.eval.selection import Selector, Targets, check_criterion
+from dsunlearn.eval.selection import score as score_step
 from dsunlearn.eval.verdict import versus_gold
 from dsunlearn.fsutil import write_json_atomic
 from dsunlearn.methods import build_method
 from dsunlearn.methods.base import Method, RunContext
 from dsunlearn.models.loader import load_model_and_processor
 from dsunlearn.models.lora import apply_lora
+from dsunlearn.recipes import reference_cache
 from dsunlearn.recipes.common import (
     deepspeed_config,
     encode_batch,
@@ -161,7 +165,7 @@ def setup(cfg: UnlearnConfig, preempt: PreemptionFlag) -> Run:
         check_criterion(
             cfg.select, protocol.forget_key is not None and protocol.retain_key is not None
         )
-    test_sets = protocol.build("test") if cfg.eval.enabled else None
+    test_sets = protocol.build("test") if cfg.eval.enabled and cfg.eval.test else None
     ref_model, processor = load_model_and_processor(
         vanilla, dtype=model_dtype(cfg.model), ds_config=ds
     )
@@ -174,13 +178,25 @@ def setup(cfg: UnlearnConfig, preempt: PreemptionFlag) -> Run:
 
 
 def score_references(run: Run) -> References:
-    """The vanilla model (the reference engine) and the gold model, on test and validation."""
+    """The vanilla model (the reference engine) and the gold model, on test and validation;
+    read from `eval.reference_cache` when an earlier run scored the same models there."""
     log = get_logger()
     refs = References()
     if not run.cfg.eval.enabled:
         return refs
+    splits = [name for name, sets in (("test", run.test_sets), ("val", run.val_sets)) if sets]
+    cached = None
+    if run.cfg.eval.reference_cache:
+        cached = reference_cache.cache_path(
+            run.cfg, run.vanilla, run.gold, run.info.world_size, splits
+        )
+        found = reference_cache.load(cached)
+        if found is not None:
+            log.info(f"reference scores from {cached}")
+            return found
     ref = run.ref.module
-    refs.vanilla = run.score(ref, run.test_sets, None)
+    if run.test_sets is not None:
+        refs.vanilla = run.score(ref, run.test_sets, None)
     if run.val_sets is not None:
         refs.vanilla_val = run.score(ref, run.val_sets, None)
     if run.gold is not None:
@@ -188,11 +204,14 @@ def score_references(run: Run) -> References:
             run.gold, dtype=model_dtype(run.cfg.model), ds_config=run.ds
         )
         gold = build_reference_engine(model, run.ds)
-        refs.gold = run.score(gold.module, run.test_sets, refs.vanilla)
+        if run.test_sets is not None:
+            refs.gold = run.score(gold.module, run.test_sets, refs.vanilla)
         if run.val_sets is not None:
             refs.gold_val = run.score(gold.module, run.val_sets, refs.vanilla_val)
         del gold, model
         gc.collect()
+    if cached is not None:
+        reference_cache.save(cached, refs, run.info.is_main)
     for name, row in (("vanilla", refs.vanilla), ("gold", refs.gold)):
         if row is not None:
             log.info(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.metrics.items()))
@@ -361,6 +380,7 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
             st.curve.append({"step": step, **val})
             if st.selector.observe(step, val):
                 st.snapshot = Snapshot.capture(engine, step)
+            _stream_curve(run, method.name, step, val, st.selector)
             run.tracker.log(_prefixed(method.name, "val", val), step)
             stop_early = st.selector.should_stop
             st.timing["val_s"] += time.time() - tick
@@ -406,7 +426,7 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         _save(run, engine, method, save_dir, last, steps, state, selection["step"])
     metrics: dict[str, float] = {}
     ratios: list[float] = []
-    if cfg.eval.enabled:
+    if run.test_sets is not None:
         tick = time.time()
         scored = run.score(engine.module, run.test_sets, refs.vanilla)
         metrics, ratios = scored.metrics, scored.truth_ratios
@@ -426,6 +446,22 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         timing={k: round(v, 3) for k, v in st.timing.items()},
         resumed={"from_step": resume.step} if resume else None,
     )
+
+
+def _stream_curve(
+    run: Run, method: str, step: int, val: dict[str, float], selector: Selector
+) -> None:
+    """One line of `<run>/val_curve.jsonl` per validation (rank 0): what a sweep's pruner, or a
+    user with `tail -f`, reads while the run goes on (the report comes only at the end)."""
+    if not run.info.is_main:
+        return
+    line = {"method": method, "step": step, "val": val, "selected": selector.step}
+    if selector.targets is not None:
+        line["score"] = score_step(val, selector.targets)
+        line["best_score"] = selector.best
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run.run_dir / "val_curve.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _prefixed(method: str, phase: str, values: dict[str, float]) -> dict[str, float]:
@@ -466,7 +502,8 @@ def build_report(run: Run, refs: References, results: dict[str, MethodResult], t
         "world_size": run.info.world_size,
         "elapsed_s": round(time.time() - t0, 2),
     }
-    if run.cfg.eval.enabled:
+    report["test"] = run.test_sets is not None  # eval.test=false: a sweep trial, validation only
+    if run.test_sets is not None:
         report["benchmark"] = {
             "name": run.protocol.name,
             "data": run.protocol.path,
@@ -504,6 +541,7 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
     # Early: under launch/slurm.sbatch the ranks start with USR1/TERM ignored, and a
     # signal that arrives before this is lost (the job script repeats it every 30 s).
     preempt = PreemptionFlag().install()
+    watch_parent_from_env()  # a sweep worker's trial dies with its worker
     run = setup(cfg, preempt)
     log = get_logger()
     log.info(

@@ -1,0 +1,1 @@
+"""`dsunlearn sweep`: an Optuna study whose trials are real unlearn runs."""
