@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
-from dsunlearn.errors import DsunlearnError
+from dsunlearn.errors import DsunlearnError, Preempted
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -265,6 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args)
     except DsunlearnError as e:
+        if isinstance(e, Preempted):
+            # Saved and stopping: a repeated warning (job scripts resend it) must not kill the
+            # process while Python finalises, which restores the default (fatal) handlers.
+            for sig in (signal.SIGUSR1, signal.SIGTERM):  # engine.preempt.SIGNALS
+                signal.signal(sig, signal.SIG_IGN)
         if os.environ.get("RANK", "0") == "0":
             print(f"dsunlearn: {e.label}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

@@ -435,3 +435,80 @@ def test_preempted_job_exits_75_and_the_resubmitted_job_resumes(
     assert info["JobState"] == "COMPLETED" and _exit_code(info) == 0, f"{info}\n{log}"
     report = json.loads((run / "report.json").read_text())
     assert report["resumed"] == {"ga": {"from_step": stopped_at}}, report.get("resumed")
+
+
+SWEEP_SBATCH = REPO / "launch" / "sweep.sbatch"
+SWEEP_SPACE = """\
+method: ga
+params:
+  optim.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
+fixed: {optim.steps: 8, optim.batch_size: 4, eval.every: 2, eval.max_items: 24}
+pruner: none
+sampler: {type: tpe, seed: 0}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_sweep_array_ends_the_study_although_a_task_is_killed(
+    slurm, tmp_path, small_bench, random_vanilla
+):
+    """launch/sweep.sbatch as a 2-task array, each task a worker of one study (1 rank per
+    trial); task 1 is killed (`scancel --full --signal=KILL`) while its trial is mid-run. That
+    trial ends failed (Slurm's SIGTERM reaches the run first, which saves a checkpoint; had the
+    worker died outright, task 0 would find it gone); task 0 runs it again in the same folder
+    and ends the study with 3 complete trials."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SWEEP_SPACE)
+    env = {
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        "DSUNLEARN_RANKS": "1",
+        "DSUNLEARN_REPO": str(REPO),
+        "DSUNLEARN_VENV": str(Path(sys.executable).parent.parent),
+    }
+    overrides = [
+        f"out_dir={tmp_path}",
+        f"data.path={small_bench}",
+        f"vanilla={random_vanilla}",
+        f"gold={random_vanilla}",
+        f"deepspeed={DS_CONFIG}",
+        "report_to=[]",
+        "eval.val_max_items=12",
+    ]
+    args = ["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/sweep-%A_%a.out"]
+    args += ["--time=30", str(SWEEP_SBATCH), str(REPO / "configs" / "demo.yaml"), str(space), "3"]
+    job = slurm.sbatch([*args, *overrides], env, REPO)
+    sweep = tmp_path / "sweeps" / "demo-ga"
+    out1 = tmp_path / f"sweep-{job}_1.out"
+
+    deadline = time.monotonic() + JOB_TIMEOUT
+    number = None
+    while (
+        number is None
+        or not (sweep / "trials" / f"trial-{number:04d}" / "val_curve.jsonl").exists()
+    ):
+        assert time.monotonic() < deadline, f"task 1 never ran a trial\n{_read(out1)}"
+        m = re.search(r"trial (\d+): \{'optim.lr'", _read(out1))
+        number = int(m.group(1)) if m else None
+        time.sleep(0.3)
+    slurm.scancel("--full", "--signal=KILL", f"{job}_1")
+
+    info = slurm.wait_job(f"{job}_0", JOB_TIMEOUT)  # the array's first task
+    log0 = _read(tmp_path / f"sweep-{job}_0.out")
+    assert info["JobState"] == "COMPLETED" and _exit_code(info) == 0, f"{info}\n{log0}"
+    assert "done: the study is finished" in log0, log0
+    s = json.loads((sweep / "sweep.json").read_text())
+    assert s["counts"]["complete"] == 3, s["counts"]
+    killed = next(t for t in s["trials"] if t["number"] == number)
+    assert killed["state"] == "fail" and killed["failed_because"], killed
+    retry = next(t for t in s["trials"] if t["retry_of"] == number)
+    assert retry["state"] == "complete" and retry["params"] == killed["params"]
+    assert retry["run"] == killed["run"]
+    if "checkpoint" in killed["failed_because"]:  # it saved one: the retry went on from it
+        assert "resuming from" in _read(sweep / "trials" / f"{retry['run']}.log")
+    assert s["chosen"]["test"], s["chosen"]
+
+
+def _read(p: Path) -> str:
+    return p.read_text(errors="replace") if p.exists() else ""

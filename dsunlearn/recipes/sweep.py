@@ -89,6 +89,7 @@ def run_sweep(
         base=to_dict(trial_cfg),
         ranks=ranks,
         sweep_dir=sweep_dir,
+        reference_cache=trial_cfg.eval.reference_cache or str(sweep_dir / "references"),
     )
     worker = Worker(study, store, launch, trials, build_pruner(space.pruner))
     worker.stale_after_s = stale_after_s

@@ -142,6 +142,7 @@ class TrialLaunch:
     base: dict[str, Any]  # the trials' config as a mapping (the space's `when` reads it)
     ranks: int
     sweep_dir: Path
+    reference_cache: str  # shared by every trial (and sweep) of the same models and data
 
     @property
     def runs_dir(self) -> Path:
@@ -156,7 +157,7 @@ class TrialLaunch:
             f"methods=[{self.space.method}]",
             f"name={name}",
             f"eval.test={'true' if test else 'false'}",
-            f"eval.reference_cache={self.sweep_dir / 'references'}",
+            f"eval.reference_cache={self.reference_cache}",
             *as_overrides(params),
             *(["resume=auto"] if resume else []),
         ]
@@ -253,10 +254,8 @@ class Worker:
                 # Samplers read the history from storage: one per trial, seeded by its number.
                 self.study.sampler = build_sampler(self.launch.space.sampler, trial.number)
                 if self._surplus(trial.number):
+                    trial.set_user_attr("failed_because", "surplus")
                     self.study.tell(trial, state=TrialState.FAIL)
-                    self.storage.set_trial_user_attr(
-                        self.trial_id(trial.number), "failed_because", "surplus"
-                    )
                     continue
                 self.run_trial(trial)
         finally:
@@ -308,8 +307,8 @@ class Worker:
             say(f"trial {trial.number}: {dict(zip(names, values, strict=True))}")
             return
         tail = _last_line(self.launch.runs_dir / f"{run_name}.log")
-        self.study.tell(trial, state=TrialState.FAIL)
         self.storage.set_trial_user_attr(tid, "failed_because", f"exit {rc}: {tail}")
+        self.study.tell(trial, state=TrialState.FAIL)
         if rc == BAD_INPUT_EXIT:
             raise SweepError(f"trial {trial.number} stopped on bad input: {tail}")
         if rc == DIVERGED_EXIT:
@@ -368,12 +367,12 @@ class Worker:
             if not dead:
                 continue
             tid = self.trial_id(t.number)
-            try:
+            why = f"worker {w} gone" if w else "worker gone before it started the run"
+            try:  # (a finished trial takes no attributes: the reason goes first)
+                self.storage.set_trial_user_attr(tid, "failed_because", why)
                 self.storage.set_trial_state_values(tid, TrialState.FAIL)
             except UpdateFinishedTrialError:
                 continue  # another worker reaped it first
-            why = f"worker {w} gone" if w else "worker gone before it started the run"
-            self.storage.set_trial_user_attr(tid, "failed_because", why)
             say(f"trial {t.number}: {why}")
             self._retry(t)
 
