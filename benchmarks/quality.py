@@ -1,63 +1,125 @@
-"""Every method on the built-in benchmark, over 3 data + training seeds: mean ± std per metric.
+"""Every method at the same tuning budget, over 3 worlds: chosen on validation, reported on test.
 
-    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--ranks 2]
+    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--trials 8] [--slots 2]
 
-For each seed S, one `dsunlearn unlearn --config configs/demo.yaml data.seed=S seed=S` run on
-2 ZeRO-3 ranks (GA, GradDiff, KL_Min, NPO, SIU and MMUnlearner in ONE report, from the vanilla
-model learned for that data seed: `dsunlearn learn data.seed=S seed=S` first, cached under
-checkpoints/vanilla/). Writes benchmarks/results/quality.json, the trade-off plot
-benchmarks/plots/quality_tradeoff.png (forget VQA accuracy against retain VQA accuracy and
-against forget text QA accuracy, one point per method, bars = std over seeds) and prints the
-markdown table for RESULTS.md with the total wall time.
+For each seed S (a world: its benchmark, its learned vanilla and gold models, shipped under
+checkpoints/) and each method M, one `dsunlearn sweep --config configs/demo.yaml
+--space configs/sweeps/M.yaml --trials T data.seed=S seed=S`: the same number of finished trials
+for every method, each trial a real 1-rank unlearn run with in-run selection on the validation
+split; the sweep chooses its trial on validation (gold_first over the Pareto front) and runs that
+setting once more on the test split. `--slots` sweeps run side by side (each rank gets
+cores/slots threads); the reference scores are shared through one `eval.reference_cache`.
+
+Writes benchmarks/results/quality.json (every sweep's chosen trial: settings, validation outcome,
+test metrics, forget quality; trial counts and wall times), the trade-off plot
+benchmarks/plots/quality_tradeoff.png (gold, vanilla, each method's per-seed choices and mean),
+and prints the markdown table for RESULTS.md: mean ± std over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from quality_runs import REPO, run_unlearn, write_result
+from quality_runs import REPO, write_result
 
-METRICS = (
-    "forget_vqa_acc",
-    "forget_heldout_vqa_acc",
-    "forget_text_qa_acc",
-    "retain_vqa_acc",
-    "retain_heldout_vqa_acc",
-    "retain_text_qa_acc",
-    "forget_gen_rouge_l",
-    "retain_gen_rouge_l",
-    "eff",
-    "gen",
-    "flu",
-    "div",
+METHODS = ("ga", "graddiff", "kl_min", "npo", "siu", "mmunlearner")
+SLOWEST_FIRST = ("mmunlearner", "kl_min", "graddiff", "npo", "ga", "siu")
+COLUMNS = (
+    ("forget quality", "forget_quality"),
+    ("forget VQA", "forget_vqa_acc"),
+    ("gap to gold", "forget_vqa_gap"),
+    ("forget held-out VQA", "forget_heldout_vqa_acc"),
+    ("retain VQA", "retain_vqa_acc"),
+    ("forget text QA", "forget_text_qa_acc"),
+    ("retain text QA", "retain_text_qa_acc"),
+    ("MIA AUC", "mia_mink20_auc_forget_vs_heldout"),
 )
+
+
+def run_sweep(seed: int, method: str, trials: int, out: Path, threads: int) -> dict[str, Any]:
+    """One sweep; its sweep.json plus its wall time."""
+    sweep_dir = out / f"s{seed}-{method}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsunlearn",
+        "sweep",
+        "--config",
+        "configs/demo.yaml",
+        "--space",
+        f"configs/sweeps/{method}.yaml",
+        "--trials",
+        str(trials),
+        "--study",
+        f"quality-s{seed}-{method}",
+        "--out",
+        str(sweep_dir),
+        f"data.seed={seed}",
+        f"seed={seed}",
+        f"out_dir={out}",
+        f"eval.reference_cache={out / 'references'}",
+        "report_to=[]",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
+    t0 = time.time()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir.with_suffix(".log"), "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = round(time.time() - t0, 1)
+    if proc.returncode != 0:
+        tail = sweep_dir.with_suffix(".log").read_text()[-2000:]
+        sys.exit(f"sweep s{seed}-{method}: exit {proc.returncode}\n{tail}")
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    print(f"s{seed} {method}: {wall:.0f} s, {summary['counts']}", flush=True)
+    return {"wall_s": wall, **summary}
+
+
+def chosen_row(s: dict[str, Any]) -> dict[str, float]:
+    c = s["chosen"]
+    row = dict(c["test"])
+    row["forget_quality"] = c["forget_quality"]["p_value"]
+    row["forget_vqa_gap"] = row["forget_vqa_acc"] - c["gold_test"]["forget_vqa_acc"]
+    return row
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot(summary: dict[str, dict[str, tuple[float, float]]], path: Path) -> None:
+def plot(per_seed: dict[str, dict[int, dict]], refs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, other in zip(axes, ("retain_vqa_acc", "forget_text_qa_acc"), strict=True):
-        for name, m in summary.items():
-            (x, dx), (y, dy) = m["forget_vqa_acc"], m[other]
-            ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", capsize=3, label=name)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xlabel("forget_vqa_acc (lower: more forgotten)")
-        ax.set_ylabel(f"{other} (higher: more kept)")
+        for name, marker in (("vanilla", "s"), ("gold", "D")):
+            xs = [r["forget_vqa_acc"] for r in refs[name]]
+            ys = [r[other] for r in refs[name]]
+            ax.scatter(xs, ys, marker=marker, c="k", s=36, label=f"{name} (per seed)")
+        for i, (name, seeds) in enumerate(per_seed.items()):
+            xs = [r["forget_vqa_acc"] for r in seeds.values()]
+            ys = [r[other] for r in seeds.values()]
+            c = colors[i % len(colors)]
+            ax.scatter(xs, ys, c=c, s=18, alpha=0.6)
+            ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], c=c, s=70, label=name)
+        ax.set_xlabel("forget_vqa_acc, test (gold: the target)")
+        ax.set_ylabel(f"{other}, test (higher: more kept)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Built-in benchmark, mean ± std over seeds")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Each method's chosen setting per seed (small) and mean (large); equal budgets")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -66,46 +128,85 @@ def plot(summary: dict[str, dict[str, tuple[float, float]]], path: Path) -> None
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=2, help="sweeps side by side")
+    ap.add_argument("--out", help="keep the sweeps here (default: a temporary folder)")
     args = ap.parse_args()
     t0 = time.time()
-    reports: dict[int, dict] = {}
-    walls: dict[int, float] = {}
+    threads = max(1, (os.cpu_count() or 1) // args.slots)
+    jobs = [(s, m) for m in SLOWEST_FIRST if m in args.methods for s in args.seeds]
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            cli = ["--config", "configs/demo.yaml", f"data.seed={seed}", f"seed={seed}"]
-            reports[seed], walls[seed] = run_unlearn(args.ranks, cli, Path(tmp), f"s{seed}")
-            print(f"seed {seed}: {walls[seed]:.0f} s", flush=True)
-    methods = ["vanilla", *reports[args.seeds[0]]["methods"]]
-
-    def row(report: dict, name: str) -> dict[str, float]:
-        return report["vanilla"] if name == "vanilla" else report["methods"][name]
-
-    summary = {
-        name: {key: mean_std([row(reports[s], name)[key] for s in args.seeds]) for key in METRICS}
-        for name in methods
-    }
+        out = Path(args.out) if args.out else Path(tmp)
+        with ThreadPoolExecutor(args.slots) as pool:
+            futures = {
+                job: pool.submit(run_sweep, job[0], job[1], args.trials, out, threads)
+                for job in jobs
+            }
+            sweeps = {job: f.result() for job, f in futures.items()}
     total = round(time.time() - t0, 1)
+
+    methods = [m for m in METHODS if m in args.methods]
+    per_seed = {m: {s: chosen_row(sweeps[(s, m)]) for s in args.seeds} for m in methods}
+    first = {s: sweeps[(s, methods[0])]["chosen"] for s in args.seeds}
+    refs = {
+        "vanilla": [first[s]["vanilla_test"] for s in args.seeds],
+        "gold": [first[s]["gold_test"] for s in args.seeds],
+    }
+    for name in ("vanilla", "gold"):
+        for s, r in zip(args.seeds, refs[name], strict=True):
+            r["forget_vqa_gap"] = r["forget_vqa_acc"] - first[s]["gold_test"]["forget_vqa_acc"]
+            if name == "vanilla":
+                r["forget_quality"] = first[s]["vanilla_forget_quality"]["p_value"]
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, seeds in [("vanilla", refs["vanilla"]), ("gold", refs["gold"])]:
+        rows[name] = {k: mean_std([r[k] for r in seeds]) for _, k in COLUMNS if k in seeds[0]}
+    for m in methods:
+        rows[m] = {k: mean_std([per_seed[m][s][k] for s in args.seeds]) for _, k in COLUMNS}
+    settings = {
+        m: {str(s): sweeps[(s, m)]["chosen"]["params"] for s in args.seeds} for m in methods
+    }
     path = write_result(
         "quality",
-        "benchmarks/quality.py --seeds " + " ".join(map(str, args.seeds)),
-        args.ranks,
+        "benchmarks/quality.py --seeds "
+        + " ".join(map(str, args.seeds))
+        + f" --trials {args.trials} --slots {args.slots}",
+        1,
         {
+            "protocol": "one sweep per seed and method (configs/sweeps/<method>.yaml), "
+            f"{args.trials} finished trials each, chosen on validation (gold_first over the "
+            "Pareto front), reported on test",
             "seeds": args.seeds,
-            "wall_s": {"total": total, **{str(s): w for s, w in walls.items()}},
-            "summary": {n: {k: list(v) for k, v in m.items()} for n, m in summary.items()},
-            "per_seed": {
-                str(s): r["methods"] | {"vanilla": r["vanilla"]} for s, r in reports.items()
+            "trials": args.trials,
+            "slots": args.slots,
+            "wall_s": {"total": total, **{f"s{s}-{m}": sweeps[(s, m)]["wall_s"] for s, m in jobs}},
+            "summary": {n: {k: list(v) for k, v in r.items()} for n, r in rows.items()},
+            "per_seed": {m: {str(s): r for s, r in v.items()} for m, v in per_seed.items()},
+            "references": refs,
+            "settings": settings,
+            "sweeps": {
+                f"s{s}-{m}": {
+                    "counts": sweeps[(s, m)]["counts"],
+                    "front": sweeps[(s, m)]["front"],
+                    "chosen": sweeps[(s, m)]["chosen"],
+                    "trials": sweeps[(s, m)]["trials"],
+                }
+                for s, m in jobs
             },
         },
     )
-    plot(summary, REPO / "benchmarks" / "plots" / "quality_tradeoff.png")
-    print(f"\n{len(args.seeds)} seeds, {args.ranks} ranks, {total:.0f} s in all\n")
-    print("| model | " + " | ".join(METRICS) + " |")
-    print("|---|" + "---|" * len(METRICS))
-    for name, m in summary.items():
-        cells = " | ".join(f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in METRICS)
-        print(f"| {name} | {cells} |")
+    plot(per_seed, refs, REPO / "benchmarks" / "plots" / "quality_tradeoff.png")
+    print(
+        f"\n{len(args.seeds)} seeds x {len(methods)} methods x {args.trials} trials: {total:.0f} s\n"
+    )
+    print("| model | " + " | ".join(c for c, _ in COLUMNS) + " |")
+    print("|---|" + "---|" * len(COLUMNS))
+    for name, r in rows.items():
+        cells = [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" if k in r else "—" for _, k in COLUMNS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nchosen settings (seed: values)")
+    for m, by_seed in settings.items():
+        print(f"- {m}: " + "; ".join(f"{s}: {v}" for s, v in by_seed.items()))
     print(f"wrote {path}")
 
 

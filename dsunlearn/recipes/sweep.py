@@ -197,6 +197,7 @@ def run_chosen_on_test(launch: TrialLaunch, chosen: dict[str, Any]) -> dict[str,
     if "vs_gold" in report:
         out["forget_quality"] = report["vs_gold"][m]["forget_quality"]
         out["gap_to_gold"] = report["vs_gold"][m]["gap"]
+        out["vanilla_forget_quality"] = report["vs_gold"]["vanilla"]["forget_quality"]
     return out
 
 
