@@ -220,6 +220,7 @@ class Worker:
     max_retries: int = 2
     poll_s: float = 1.0
     signalled: int | None = None
+    diverged: int = 0  # this worker's trials that diverged (they do not count as finished)
     ran: list[int] = field(default_factory=list)
 
     @property
@@ -290,7 +291,14 @@ class Worker:
         proc = self.launch.start(
             args, self.launch.runs_dir, self.launch.runs_dir / f"{run_name}.log"
         )
-        pruned = self._follow(trial, tid, proc, run_dir)
+        try:
+            pruned = self._follow(trial, tid, proc, run_dir)
+        except BaseException:  # Ctrl-C, a storage error: the run must not outlive the worker
+            _kill(proc)
+            self.storage.set_trial_user_attr(tid, "failed_because", "its worker was interrupted")
+            self.study.tell(trial, state=TrialState.FAIL)
+            self._retry(self.study.get_trials(deepcopy=False)[trial.number])
+            raise
         rc = proc.returncode
         self.ran.append(trial.number)
         if pruned:
@@ -299,9 +307,14 @@ class Worker:
             return
         if rc == 0:
             report = json.loads((run_dir / "report.json").read_text())
-            outcome = trial_outcome(report, self.launch.space.method)
+            try:
+                outcome = trial_outcome(report, self.launch.space.method)
+                values = objective_values(outcome, self.launch.space.objectives)
+            except SweepError as e:  # every trial would fail the same way: stop the sweep
+                self.storage.set_trial_user_attr(tid, "failed_because", str(e))
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
             self.storage.set_trial_user_attr(tid, "outcome", outcome)
-            values = objective_values(outcome, self.launch.space.objectives)
             self.study.tell(trial, values)
             names = [o.name for o in self.launch.space.objectives]
             say(f"trial {trial.number}: {dict(zip(names, values, strict=True))}")
@@ -312,7 +325,13 @@ class Worker:
         if rc == BAD_INPUT_EXIT:
             raise SweepError(f"trial {trial.number} stopped on bad input: {tail}")
         if rc == DIVERGED_EXIT:
+            self.diverged += 1
             say(f"trial {trial.number}: diverged ({tail}); it does not count")
+            if self.diverged > self.trials:
+                raise SweepError(
+                    f"{self.diverged} trials diverged (NaN or infinite loss): narrow the "
+                    "space's learning-rate range"
+                )
             return
         self._retry(self.study.get_trials(deepcopy=False)[trial.number])
         if rc == PREEMPTED_EXIT or self.signalled is not None:
