@@ -218,3 +218,30 @@ def test_the_pruner_stops_a_hopeless_trial_from_its_validation_curve(tmp_path):
     assert t.state == optuna.trial.TrialState.PRUNED
     assert t.intermediate_values == {2: 0.1, 4: 0.1}  # warm-up 3 steps: not at step 2, at step 4
     assert procs[0].poll() is not None  # killed
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_two_workers_share_a_study_through_its_storage(tmp_path, kind):
+    """Two workers, each with its own storage object on the same file (as two processes or
+    nodes have): both see every trial, and when they ask at once beyond the budget the later
+    trial number is the surplus one. A worker with another space file is refused."""
+    from dsunlearn.sweep.outcome import SweepError
+    from dsunlearn.sweep.worker import open_storage
+
+    spec = str(tmp_path / "journal.log") if kind == "journal" else f"sqlite:///{tmp_path}/s.db"
+    space = load_space(
+        _space(tmp_path, "method: ga\nparams: {optim.lr: {type: float, low: 1, high: 2}}\n"), BASE
+    )
+    launch = TrialLaunch("c.yaml", [], space, BASE, 1, tmp_path, str(tmp_path / "refs"))
+    workers = []
+    for _ in range(2):
+        storage = open_storage(spec)
+        study = open_study(storage, "shared", space, "key")
+        workers.append(Worker(study, storage, launch, trials=1, pruner=None))
+    a, b = workers
+    ta, tb = a.study.ask(), b.study.ask()
+    assert (ta.number, tb.number) == (0, 1)
+    assert {t.number for t in b.study.get_trials()} == {0, 1}
+    assert not a._surplus(ta.number) and b._surplus(tb.number)
+    with pytest.raises(SweepError, match="another space file or config"):
+        open_study(open_storage(spec), "shared", space, "other-key")
