@@ -83,7 +83,7 @@ def _check_sweep_json(sw: Path) -> dict:
         assert 1e-5 <= t["params"]["optim.lr"] <= 1e-3
         assert len(t["values"]) == 2 and 0 <= t["values"][1] <= 1
         assert t["outcome"]["selected_step"] in (2, 4, 6, 8)
-        assert set(t["intermediate"]) == {"2", "4", "6", "8"}  # the streamed curve
+        assert set(t["curve"]) == {"2", "4", "6", "8"}  # the streamed validation curve
         assert not (sw / "trials" / t["run"] / "report.json").read_text().count('"benchmark"')
     numbers = {t["number"] for t in complete}
     assert set(s["front"]) <= numbers and s["chosen"]["number"] in s["front"]

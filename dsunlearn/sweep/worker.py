@@ -7,9 +7,12 @@ one rank), with in-run selection on the validation split and no test split (`eva
 the reference scores are shared through `eval.reference_cache`.
 
 While a trial runs, its worker:
-- reads the run's `val_curve.jsonl` and reports each validation's best score so far to the
-  study as an intermediate value; the space's pruner (median/percentile, on that score: Optuna's
-  own pruners do not take multi-objective studies) may stop the run, and the trial is PRUNED;
+- reads the run's `val_curve.jsonl` and keeps each validation's best score so far in the
+  trial's `curve` attribute; the space's pruner (median/percentile) judges that curve against
+  the complete trials' curves and may stop the run: the trial is PRUNED. (The curve is not
+  stored as Optuna intermediate values: in a multi-objective study Optuna's pruners refuse them
+  and its TPE sampler fails on pruned trials that have them. `ScoreView` shows the pruner the
+  curves as intermediate values of a one-direction study.)
 - writes a heartbeat (`heartbeat` user attribute) every `heartbeat_s`.
 
 A worker that died (its pid gone on this host, or no heartbeat for `stale_after_s`) leaves a
@@ -24,6 +27,7 @@ trial may still die and need a retry.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -117,16 +121,23 @@ def open_study(
 
 
 class ScoreView:
-    """What Optuna's pruners read of a study, with one direction: the intermediate values are
-    the in-run selection's best score so far (higher is better)."""
+    """What Optuna's pruners read of a study, with one direction: each trial's intermediate
+    values are its `curve`, the in-run selection's best score so far (higher is better)."""
 
     direction = optuna.study.StudyDirection.MAXIMIZE
 
     def __init__(self, study: optuna.Study) -> None:
         self._study = study
 
+    @staticmethod
+    def with_curve(t: FrozenTrial) -> FrozenTrial:
+        t = copy.deepcopy(t)
+        t.intermediate_values = {int(k): float(v) for k, v in t.user_attrs.get("curve", {}).items()}
+        return t
+
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
-        return self._study.get_trials(deepcopy=deepcopy, states=states)
+        trials = self._study.get_trials(deepcopy=False, states=states)
+        return [self.with_curve(t) for t in trials]
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -344,8 +355,8 @@ class Worker:
         self, trial: optuna.Trial, tid: int, proc: subprocess.Popen, run_dir: Path
     ) -> int | None:
         """Wait for the run; report its validation curve; return the step it was pruned at."""
-        curve = run_dir / "val_curve.jsonl"
-        seen: set[int] = set()
+        curve_file = run_dir / "val_curve.jsonl"
+        curve: dict[int, float] = {}
         last_beat = time.time()
         forwarded = False
         while proc.poll() is None:
@@ -357,11 +368,14 @@ class Worker:
             if time.time() - last_beat >= self.heartbeat_s:
                 self.storage.set_trial_user_attr(tid, "heartbeat", time.time())
                 last_beat = time.time()
-            for step, value in _new_points(curve, seen):
-                self.storage.set_trial_intermediate_value(tid, step, value)
+            for step, value in _new_points(curve_file, curve):
+                curve[step] = value
+                self.storage.set_trial_user_attr(
+                    tid, "curve", {str(k): v for k, v in curve.items()}
+                )
                 if self.pruner is None or forwarded:
                     continue
-                frozen = self.storage.get_trial(tid)
+                frozen = ScoreView.with_curve(self.storage.get_trial(tid))
                 if self.pruner.prune(ScoreView(self.study), frozen):
                     _kill(proc)
                     return step
@@ -411,7 +425,7 @@ class Worker:
         say(f"trial {t.number}: queued again")
 
 
-def _new_points(curve: Path, seen: set[int]) -> list[tuple[int, float]]:
+def _new_points(curve: Path, seen: dict[int, float]) -> list[tuple[int, float]]:
     """Validation points not reported yet: (step, best score so far)."""
     if not curve.is_file():
         return []
@@ -424,7 +438,7 @@ def _new_points(curve: Path, seen: set[int]) -> list[tuple[int, float]]:
         step = int(point["step"])
         if step in seen or "best_score" not in point:
             continue
-        seen.add(step)
+        seen[step] = float(point["best_score"])
         out.append((step, float(point["best_score"])))
     return out
 
@@ -447,7 +461,7 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
         "params": t.params,
         "values": t.values,
         "outcome": t.user_attrs.get("outcome"),
-        "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+        "curve": t.user_attrs.get("curve", {}),  # best validation score so far, per step
         "run": t.user_attrs.get("run"),
         "retry_of": t.user_attrs.get("retry_of"),
         "failed_because": t.user_attrs.get("failed_because"),
