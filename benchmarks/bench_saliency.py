@@ -55,7 +55,12 @@ sys.path.insert(0, str(REPO))
 from dsunlearn.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
 from dsunlearn.data.examples import vqa_train_examples  # noqa: E402
 from dsunlearn.engine.batches import to_device  # noqa: E402
-from dsunlearn.engine.dist import DistInfo, free_port, init_distributed  # noqa: E402
+from dsunlearn.engine.dist import (  # noqa: E402
+    DistInfo,
+    free_port,
+    init_distributed,
+    shutdown_distributed,
+)
 from dsunlearn.engine.engine import build_train_engine  # noqa: E402
 from dsunlearn.methods.base import example_ce  # noqa: E402
 from dsunlearn.models.encode import encode_examples, logits_of  # noqa: E402
@@ -542,3 +547,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()  # gloo threads left at exit can abort a finished rank

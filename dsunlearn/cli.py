@@ -260,17 +260,26 @@ def run(args: argparse.Namespace) -> None:
         run_demo(args.config, args.overrides, args.ranks)
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group if this command joined one (torch is loaded only then)."""
+    dist = sys.modules.get("dsunlearn.engine.dist")
+    if dist is not None:
+        dist.shutdown_distributed()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         run(args)
+        _leave_process_group()
     except DsunlearnError as e:
         if isinstance(e, Preempted):
             # Saved and stopping: a repeated warning (job scripts resend it) must not kill the
             # process while Python finalises, which restores the default (fatal) handlers.
             for sig in (signal.SIGUSR1, signal.SIGTERM):  # engine.preempt.SIGNALS
                 signal.signal(sig, signal.SIG_IGN)
+            _leave_process_group()  # every rank stops at the same agreed step
         if os.environ.get("RANK", "0") == "0":
             print(f"dsunlearn: {e.label}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

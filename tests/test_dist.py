@@ -34,3 +34,51 @@ def test_start_ignores_a_stale_torch_extensions_lock(tmp_path):
     assert proc.returncode == 0 and "started" in proc.stdout, proc.stderr[-3000:]
     built = [p.name for p in ext.rglob("*") if p.suffix in {".so", ".o"}]
     assert built == [], built
+
+
+# In a child process: a command that joined the process group ends in each of three ways.
+_LEAVE = """
+import sys
+import torch.distributed as dist
+from dsunlearn import cli
+from dsunlearn.engine.dist import init_distributed
+from dsunlearn.errors import ConfigError, Preempted
+
+def ending(exc):
+    def run(args):
+        init_distributed()
+        if exc is not None:
+            raise exc
+    return run
+
+for name, exc in (("done", None), ("preempted", Preempted("saved")), ("failed", ConfigError("x"))):
+    cli.run = ending(exc)
+    code = 0
+    try:
+        cli.main(["unlearn", "--config", "configs/demo.yaml"])
+    except SystemExit as e:
+        code = e.code
+    print(name, code, dist.is_initialized())
+    if dist.is_initialized():
+        dist.destroy_process_group()
+"""
+
+
+def test_a_finished_or_preempted_command_leaves_the_process_group(tmp_path):
+    """Gloo threads left at interpreter exit abort a finished rank (SIGABRT): leave the group
+    when every rank is at the same point, and never wait on others after a failure alone."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LEAVE],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert [ln for ln in lines if ln.split(" ")[0] in {"done", "preempted", "failed"}] == [
+        "done 0 False",
+        "preempted 75 False",
+        "failed 2 True",
+    ], proc.stdout + proc.stderr[-2000:]

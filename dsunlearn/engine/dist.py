@@ -96,6 +96,25 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     return _INFO
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group before the interpreter exits (no-op if never joined).
+
+    Without it, gloo's worker threads can outlive Python's finalisation and abort the process
+    (SIGABRT, "terminate called without an active exception") after its work is done and saved.
+    Call it only where every rank got to the same point (a finished or a preempted run): a rank
+    that failed alone must not wait on the others.
+    """
+    global _INFO
+    if _INFO is None:
+        return
+    import deepspeed.comm as ds_dist
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        ds_dist.destroy_process_group()
+    _INFO = None
+
+
 def _quiet_libraries(is_main: bool) -> None:
     """Keep DeepSpeed and transformers chatter off the console; non-main ranks log warnings only."""
     # DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates, once per step.
