@@ -96,33 +96,71 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot(per_seed: dict[str, dict[int, dict]], refs: dict[str, list[dict]], path: Path) -> None:
+def plot(per_seed: dict[str, dict[str, dict]], refs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    seed_markers = ("o", "^", "v", "<", ">")
     for ax, other in zip(axes, ("retain_vqa_acc", "forget_text_qa_acc"), strict=True):
         for name, marker in (("vanilla", "s"), ("gold", "D")):
             xs = [r["forget_vqa_acc"] for r in refs[name]]
             ys = [r[other] for r in refs[name]]
-            ax.scatter(xs, ys, marker=marker, c="k", s=36, label=f"{name} (per seed)")
+            ax.scatter(xs, ys, marker=marker, color="k", s=40, label=f"{name} (per seed)")
         for i, (name, seeds) in enumerate(per_seed.items()):
+            c = colors[i % len(colors)]
+            for j, r in enumerate(seeds.values()):  # one marker shape per seed
+                marker = seed_markers[j % len(seed_markers)]
+                ax.scatter([r["forget_vqa_acc"]], [r[other]], color=c, marker=marker, s=22)
             xs = [r["forget_vqa_acc"] for r in seeds.values()]
             ys = [r[other] for r in seeds.values()]
-            c = colors[i % len(colors)]
-            ax.scatter(xs, ys, c=c, s=18, alpha=0.6)
-            ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], c=c, s=70, label=name)
+            ax.scatter(
+                [statistics.fmean(xs)],
+                [statistics.fmean(ys)],
+                color=c,
+                s=110,
+                alpha=0.45,
+                edgecolors="k",
+                label=f"{name} (mean)",
+            )
         ax.set_xlabel("forget_vqa_acc, test (gold: the target)")
         ax.set_ylabel(f"{other}, test (higher: more kept)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Each method's chosen setting per seed (small) and mean (large); equal budgets")
+    seeds = ", ".join(
+        f"{m} seed {s}" for m, s in zip(seed_markers, next(iter(per_seed.values())), strict=False)
+    )
+    fig.suptitle(
+        "Each method's choice per seed (small; markers: " + seeds + ") and mean (large); "
+        "equal tuning budgets"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def _cell(mean_std: list[float], key: str) -> str:
+    fmt = ".2g" if key == "forget_quality" else ".3f"  # p-values span many decades
+    return f"{mean_std[0]:{fmt}} ± {mean_std[1]:{fmt}}"
+
+
+def render(result: dict[str, Any]) -> None:
+    """The plot and the markdown table of a quality result (also for `--replot`)."""
+    plot(result["per_seed"], result["references"], REPO / "benchmarks/plots/quality_tradeoff.png")
+    n_seeds, n_methods = len(result["seeds"]), len(result["per_seed"])
+    total = result["wall_s"]["total"]
+    print(f"\n{n_seeds} seeds x {n_methods} methods x {result['trials']} trials: {total:.0f} s\n")
+    print("| model | " + " | ".join(c for c, _ in COLUMNS) + " |")
+    print("|---|" + "---|" * len(COLUMNS))
+    for name, r in result["summary"].items():
+        cells = [_cell(r[k], k) if k in r else "—" for _, k in COLUMNS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nchosen settings (seed: values)")
+    for m, by_seed in result["settings"].items():
+        print(f"- {m}: " + "; ".join(f"{s}: {v}" for s, v in by_seed.items()))
 
 
 def main() -> None:
@@ -132,7 +170,13 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--slots", type=int, default=2, help="sweeps side by side")
     ap.add_argument("--out", help="keep the sweeps here (default: a temporary folder)")
+    ap.add_argument(
+        "--replot", action="store_true", help="only redraw the plot and table from the result"
+    )
     args = ap.parse_args()
+    if args.replot:
+        render(json.loads((REPO / "benchmarks/results/quality.json").read_text()))
+        return
     t0 = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.slots)
     jobs = [(s, m) for m in SLOWEST_FIRST if m in args.methods for s in args.seeds]
@@ -195,18 +239,7 @@ def main() -> None:
             },
         },
     )
-    plot(per_seed, refs, REPO / "benchmarks" / "plots" / "quality_tradeoff.png")
-    print(
-        f"\n{len(args.seeds)} seeds x {len(methods)} methods x {args.trials} trials: {total:.0f} s\n"
-    )
-    print("| model | " + " | ".join(c for c, _ in COLUMNS) + " |")
-    print("|---|" + "---|" * len(COLUMNS))
-    for name, r in rows.items():
-        cells = [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" if k in r else "—" for _, k in COLUMNS]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nchosen settings (seed: values)")
-    for m, by_seed in settings.items():
-        print(f"- {m}: " + "; ".join(f"{s}: {v}" for s, v in by_seed.items()))
+    render(json.loads(path.read_text()))
     print(f"wrote {path}")
 
 
