@@ -42,5 +42,5 @@ setup(
     package_data={"dsunlearn": ["configs/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["dsunlearn=dsunlearn.cli:main"]},
+    entry_points={"console_scripts": ["dsunlearn=dsunlearn.cli:entry"]},
 )

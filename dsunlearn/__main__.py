@@ -1,4 +1,4 @@
-from dsunlearn.cli import main
+from dsunlearn.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

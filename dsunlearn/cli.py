@@ -9,6 +9,7 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 
 from dsunlearn.errors import DsunlearnError, Preempted
 
@@ -287,5 +288,28 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
+def entry() -> None:
+    """The `dsunlearn` command and `python -m dsunlearn`: `main`, then the process exit.
+
+    A process that joined a process group ends through `engine.dist.exit_process`, which skips
+    the interpreter's finalisation (gloo threads can abort it after the work is saved). `main`
+    itself returns, so that it can run inside another Python process.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:
+        if "dsunlearn.engine.dist" not in sys.modules:
+            raise
+        traceback.print_exc()
+        code = 1
+    dist = sys.modules.get("dsunlearn.engine.dist")  # loaded only by commands that join a group
+    if dist is not None:
+        dist.exit_process(code, leave=False)  # main left the group where every rank agreed
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, cli_env
 
 # In a child process: plant the lock a killed DeepSpeed build leaves behind, then start.
@@ -82,3 +84,48 @@ def test_a_finished_or_preempted_command_leaves_the_process_group(tmp_path):
         "preempted 75 False",
         "failed 2 True",
     ], proc.stdout + proc.stderr[-2000:]
+
+
+# In a child process: the `dsunlearn` entry point runs a command that ends in one of three ways.
+_ENTRY = """
+import atexit, os
+from dsunlearn import cli
+from dsunlearn.errors import ConfigError
+
+atexit.register(lambda: print("finalised"))
+
+def run(args):
+    if os.environ["ENDING"] != "no-group":
+        from dsunlearn.engine.dist import init_distributed
+        init_distributed()
+    print("work saved")  # not flushed: the exit must flush it
+    if os.environ["ENDING"] == "failed":
+        raise ConfigError("x")
+
+cli.run = run
+import sys
+sys.argv = ["dsunlearn", "unlearn", "--config", "configs/demo.yaml"]
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize(
+    "ending, code, finalised",
+    [("done", 0, False), ("failed", 2, False), ("no-group", 0, True)],
+)
+def test_a_rank_exits_with_its_code_and_without_finalisation(ending, code, finalised):
+    """A process that joined a group skips Python's finalisation (where gloo threads can abort
+    a finished rank) yet keeps its exit code and its buffered output; others exit normally."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _ENTRY],
+        cwd=REPO,
+        env=cli_env(ENDING=ending, PYTHONUNBUFFERED=""),  # block-buffered, as under a launcher
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "work saved" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert ("finalised" in proc.stdout) == finalised, proc.stdout
+    if ending == "failed":
+        assert "dsunlearn: " in proc.stderr and proc.stderr.rstrip().endswith("x"), proc.stderr

@@ -6,6 +6,7 @@ with CUDA, NCCL. A plain `python` process becomes a world of size 1.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -13,6 +14,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 
@@ -44,6 +46,7 @@ class DistInfo:
 
 
 _INFO: DistInfo | None = None
+_JOINED = False  # this process joined a process group at some point (it stays set after leaving)
 
 
 def skip_shm_comm_build() -> None:
@@ -63,7 +66,7 @@ def skip_shm_comm_build() -> None:
 
 def init_distributed(timeout_s: int = 600) -> DistInfo:
     """Join (or create) the process group; idempotent."""
-    global _INFO
+    global _INFO, _JOINED
     if _INFO is not None:
         return _INFO
     prepare_accelerator_env()
@@ -92,15 +95,14 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
 
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     _INFO = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+    _JOINED = True
     _quiet_libraries(_INFO.is_main)
     return _INFO
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group before the interpreter exits (no-op if never joined).
+    """Leave the process group (no-op if never joined).
 
-    Without it, gloo's worker threads can outlive Python's finalisation and abort the process
-    (SIGABRT, "terminate called without an active exception") after its work is done and saved.
     Call it only where every rank got to the same point (a finished or a preempted run): a rank
     that failed alone must not wait on the others.
     """
@@ -113,6 +115,27 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         ds_dist.destroy_process_group()
     _INFO = None
+
+
+def exit_process(code: int, leave: bool = True) -> NoReturn:
+    """End this process with `code`; one that joined a process group skips finalisation.
+
+    Why: gloo's C++ worker threads can still hold finished collective work whose tensors belong
+    to Python; releasing them while Python finalises takes the GIL from a C++ thread, and the
+    process aborts (SIGABRT, "terminate called without an active exception") after its results
+    are saved, turning a finished rank into a failed launch. Leaving the group first is not
+    enough: DeepSpeed's engines keep their groups alive until finalisation. Writers close their
+    own files; stdio and logging are flushed here. `leave=False` for a rank that failed alone.
+    """
+    if not _JOINED:
+        sys.exit(code)
+    if leave:
+        shutdown_distributed()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or gone: nothing to lose
+            stream.flush()
+    os._exit(code)
 
 
 def _quiet_libraries(is_main: bool) -> None:

@@ -548,33 +548,36 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
         f"unlearn '{cfg.name}': methods {cfg.methods}, world size {run.info.world_size}, "
         f"ZeRO stage {zero_stage(run.ds)}, benchmark {run.protocol.name}, gold {run.gold}"
     )
-    refs = run.progress.references
-    if refs is None:
-        refs = score_references(run)
-        if cfg.eval.enabled:  # nothing worth keeping otherwise: no progress file
-            run.progress.finish_references(refs)
-    results: dict[str, MethodResult] = {}
-    for method in methods:
-        if method.name in run.progress.methods:  # finished before an earlier launch stopped
-            results[method.name] = run.progress.methods[method.name]
-            log.info(f"{method.name}: finished in an earlier launch (from {run.progress.path})")
-            continue
-        results[method.name] = unlearn_method(method, run, refs)
-        run.progress.finish_method(results[method.name])
-        if preempt.requested(run.info.device):  # signalled during the evaluation
-            raise Preempted(
-                f"signal {preempt.name}: stopped after {method.name} finished; relaunch with "
-                "resume=auto to continue with the next method"
-            )
+    # closed however the run ends: a preempted or failed run keeps the curves it logged
+    with run.tracker:
+        refs = run.progress.references
+        if refs is None:
+            refs = score_references(run)
+            if cfg.eval.enabled:  # nothing worth keeping otherwise: no progress file
+                run.progress.finish_references(refs)
+        results: dict[str, MethodResult] = {}
+        for method in methods:
+            if method.name in run.progress.methods:  # finished before an earlier launch stopped
+                results[method.name] = run.progress.methods[method.name]
+                log.info(f"{method.name}: finished in an earlier launch (from {run.progress.path})")
+                continue
+            results[method.name] = unlearn_method(method, run, refs)
+            run.progress.finish_method(results[method.name])
+            if preempt.requested(run.info.device):  # signalled during the evaluation
+                raise Preempted(
+                    f"signal {preempt.name}: stopped after {method.name} finished; relaunch with "
+                    "resume=auto to continue with the next method"
+                )
 
-    report = build_report(run, refs, results, t0)
-    if run.info.is_main:
-        write_json_atomic(run.run_dir / "losses.json", {n: r.losses for n, r in results.items()})
-        write_json_atomic(run.run_dir / "config.json", to_dict(cfg))
-        path = write_report(run.run_dir, report, title=f"dsunlearn: {cfg.name}")
-        run.progress.remove()  # the report now holds everything; a new run may start here
-        log.info(f"report: {path} ({report['elapsed_s']:.1f} s)")
-    run.tracker.close()
+        report = build_report(run, refs, results, t0)
+        if run.info.is_main:
+            write_json_atomic(
+                run.run_dir / "losses.json", {n: r.losses for n, r in results.items()}
+            )
+            write_json_atomic(run.run_dir / "config.json", to_dict(cfg))
+            path = write_report(run.run_dir, report, title=f"dsunlearn: {cfg.name}")
+            run.progress.remove()  # the report now holds everything; a new run may start here
+            log.info(f"report: {path} ({report['elapsed_s']:.1f} s)")
     barrier()
     preempt.uninstall()
     return run.run_dir / "report.json"

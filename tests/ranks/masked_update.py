@@ -18,7 +18,7 @@ import torch
 from dsunlearn.config import DataConfig, LoraConfig, ModelConfig, OptimConfig
 from dsunlearn.data.examples import vqa_train_examples
 from dsunlearn.engine.batches import global_batches, to_device
-from dsunlearn.engine.dist import all_reduce_sum, init_distributed, shutdown_distributed
+from dsunlearn.engine.dist import all_reduce_sum, exit_process, init_distributed
 from dsunlearn.engine.engine import build_train_engine, optimizer_step
 from dsunlearn.methods.base import example_ce
 from dsunlearn.models.encode import encode_examples, logits_of
@@ -115,4 +115,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    shutdown_distributed()  # gloo threads left at exit can abort a finished rank
+    exit_process(0)  # a rank skips finalisation, where gloo threads can abort it
