@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.15",
     "optuna>=4.0",
     "psutil>=5.9",
+    # audit's quantization attack: affine group-wise primitives (26 MB, no dependencies)
+    "torchao==0.18.0",
 ]
 
 # report_to=[wandb]: offline runs; reinit="create_new" (a fresh run per open) needs 0.19.10.

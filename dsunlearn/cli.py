@@ -106,6 +106,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/eval", help="report folder")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="EvalConfig overrides")
 
+    au = sub.add_parser(
+        "audit",
+        help="look for forgotten knowledge that only hides: relearning, quantization, probes, "
+        "rephrased images, membership inference",
+        description="Apply each attack alike to the audited model, the gold model and the "
+        "vanilla model, on any number of ZeRO-3 ranks (run it under the deepspeed launcher), "
+        "and write audit.json, audit.md and audit.png: per attack, the three models' figures and "
+        "a verdict (removed / hidden / not forgotten; like gold / readable). Overrides: "
+        "audit.<key>=value (attacks, relearn_steps, relearn_lr, quant_bits, quant_group, "
+        "rephrase, margin, ...) and eval.<key>=value.",
+    )
+    au.add_argument("--model", required=True, help="the unlearned model folder (or hub id)")
+    au.add_argument("--vanilla", required=True, help="the model before unlearning")
+    au.add_argument(
+        "--gold",
+        required=True,
+        help="the gold model (`dsunlearn learn gold=true`): never saw the forget pictures",
+    )
+    au.add_argument("--data", required=True, help="benchmark folder")
+    au.add_argument("--benchmark", default="builtin", metavar="NAME", help="builtin or mllmu")
+    au.add_argument("--forget-pct", type=int, default=10, help="forget split (default 10)")
+    au.add_argument("--out", default="runs/audit", help="folder for audit.json/md/png")
+    au.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    au.add_argument(
+        "--deepspeed", default="configs/deepspeed/zero3_cpu.json", help="DeepSpeed JSON"
+    )
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("overrides", nargs="*", metavar="key=value")
+
     sal = sub.add_parser("saliency", help="MMUnlearner's weight saliency and mask (per rank)")
     sal.add_argument("--config", help="YAML SaliencyConfig")
     sal.add_argument("overrides", nargs="*", metavar="key=value")
@@ -223,6 +252,29 @@ def run(args: argparse.Namespace) -> None:
             gold_dir=args.gold,
             split=args.split,
         )
+    elif args.command == "audit":
+        from dsunlearn.config import AuditConfig
+        from dsunlearn.errors import ConfigError
+        from dsunlearn.recipes.audit import run_audit
+
+        raw = apply_overrides({}, args.overrides)
+        extra = sorted(set(raw) - {"audit", "eval"})
+        if extra:
+            raise ConfigError(f"audit overrides are audit.<key> or eval.<key>, not '{extra[0]}'")
+        path = run_audit(
+            args.model,
+            args.vanilla,
+            args.gold,
+            DataConfig(path=args.data, forget_pct=args.forget_pct),
+            from_dict(AuditConfig, raw.get("audit", {}), "audit."),
+            args.out,
+            eval_cfg=from_dict(EvalConfig, raw.get("eval", {}), "eval."),
+            benchmark=args.benchmark,
+            ds_path=args.deepspeed,
+            dtype=args.dtype,
+            seed=args.seed,
+        )
+        print(f"audit: {path}")
     elif args.command == "saliency":
         from dsunlearn.config import SaliencyConfig
         from dsunlearn.recipes.saliency import run_saliency

@@ -165,6 +165,36 @@ class CheckpointConfig:
     stop_at: int = 0  # checkpoint and stop (exit 75, as if preempted) at this iteration
 
 
+ATTACKS = ("relearn", "quant", "probe", "rephrase", "mia")
+REPHRASINGS = ("crop", "flip", "rotate", "colour", "blur", "jpeg", "redraw")
+
+
+@dataclass
+class AuditConfig:
+    """The attacks of `dsunlearn audit` (dsunlearn/audit/): each is applied alike to the audited
+    model, the gold model and the vanilla model, so gold's figure is the yardstick."""
+
+    enabled: bool = False  # `unlearn audit=true`: audit each method's selected weights
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    relearn_steps: list[int] = field(default_factory=lambda: [5, 10, 20, 40])  # measured after
+    relearn_lr: float = 5e-4
+    relearn_batch_size: int = 2  # global: the set is one training image per forget person
+    quant_bits: list[int] = field(default_factory=lambda: [8, 4])
+    quant_group: int = 128  # weights per scale, along each row (input dimension)
+    rephrase: list[str] = field(default_factory=lambda: list(REPHRASINGS))
+    redraw_views: int = 2  # built-in benchmark: new renderings per forget person
+    mia_k: float = 20.0  # min-k% and min-k%++: the share of least likely tokens
+    mia_fpr: float = 0.01  # TPR is read at this false-positive rate
+    probe_l2: float = 1e-2  # the identity probe's weight decay (standardised features)
+    retain_max_items: int = 0  # cap on retain VQA items (0: all)
+    # The verdict: an attack that lifts the model more than `margin` above gold's figure found
+    # knowledge that gold does not have.
+    margin: float = 0.1
+    # A folder that keeps the gold and vanilla models' attack results between audits of the
+    # same references, data and settings: auditing six methods scores the references once.
+    reference_cache: str = ""
+
+
 @dataclass
 class UnlearnConfig:
     name: str = "unlearn"
@@ -189,6 +219,9 @@ class UnlearnConfig:
     # DeepSpeed checkpoints (every rank writes its own ZeRO-3 shard, so no rank holds the full
     # model): <out_dir>/<name>/checkpoints/<method>/step<N>/, `latest` names the newest.
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # `audit=true`: every method's selected weights go through `dsunlearn audit`'s attacks
+    # against the gold and vanilla models; the report gets its verdicts (run_dir/audit/<method>/)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     resume: str = ""  # auto: continue from the run folder's latest complete checkpoint, if any
     dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the run
 
@@ -261,6 +294,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"config key '{key}' cannot be null")
     if _is_dataclass_type(tp):
+        if isinstance(value, bool) and "enabled" in {f.name for f in dataclasses.fields(tp)}:
+            value = {"enabled": value}  # `audit=true` is short for `audit.enabled=true`
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
@@ -334,9 +369,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
+            if isinstance(child, bool):  # `audit=true audit.x=1`: the switch, then a setting
+                child = node[part] = {"enabled": child}
             if not isinstance(child, dict):
                 raise ConfigError(f"config key '{part}' in '{item}' is not a section")
             node = child
+        if isinstance(value, bool) and isinstance(node.get(path[-1]), dict):
+            value = {**node[path[-1]], "enabled": value}  # `audit.x=1 audit=true`: keep x
         node[path[-1]] = value
     return data
 

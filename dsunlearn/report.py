@@ -173,7 +173,30 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     if images:
         text += "\n## SIU images\n\nThe one training image each method fine-tuned on.\n\n"
         text += images + "\n"
+    audits = audit_table(report)
+    if audits:
+        text += (
+            "\n## Audit\n\nEach method's selected weights under `dsunlearn audit`'s attacks, "
+            "against the gold model under the same attacks (audit/<method>/audit.md has the "
+            "figures). Relearning: the rise of forget VQA over 20 relearning steps minus gold's; "
+            "int4: forget VQA after int4 quantization minus gold's.\n\n" + audits + "\n"
+        )
     return text
+
+
+def audit_table(report: dict[str, Any]) -> str:
+    """Each audited method's verdicts and the two relative figures; "" without an audit."""
+    audits = report.get("audit", {})
+    if not audits:
+        return ""
+    attacks = sorted({a for s in audits.values() for a in s.get("verdicts", {})})
+    head = ["method", *attacks, "relearning vs gold", "int4 forget vs gold"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in audits.items():
+        cells = [s["verdicts"].get(a, "—") for a in attacks]
+        cells += [_fmt(s.get("relearn_recovery_vs_gold")), _fmt(s.get("int4_forget_vs_gold"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def gold_table(report: dict[str, Any]) -> str:

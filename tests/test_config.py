@@ -62,3 +62,19 @@ def test_shipped_configs_load():
     for key in ("siu_alpha", "siu_beta", "siu_lr", "siu_batch_size", "siu_steps", "siu_loss"):
         assert getattr(cfg.method, key) == getattr(defaults, key), key
     assert cfg.peft.lora.r == 0
+
+
+def test_a_section_switch_is_short_for_its_enabled_key():
+    """`audit=true` (as the docs write it) sets audit.enabled and keeps the section's settings,
+    in either order with audit.<key> overrides."""
+    from dsunlearn.config import UnlearnConfig, load_config
+
+    for overrides in (
+        ["audit=true", "audit.relearn_lr=0.001"],
+        ["audit.relearn_lr=0.001", "audit=true"],
+    ):
+        cfg = load_config(UnlearnConfig, None, overrides)
+        assert cfg.audit.enabled and cfg.audit.relearn_lr == 0.001
+    cfg = load_config(UnlearnConfig, None, ["eval.every=4", "eval=false"])
+    assert not cfg.eval.enabled and cfg.eval.every == 4
+    assert not load_config(UnlearnConfig, None, []).audit.enabled

@@ -41,6 +41,7 @@ class MethodResult:
     info: dict[str, Any] = field(default_factory=dict)  # method.report_info()
     timing: dict[str, float] = field(default_factory=dict)  # seconds: train, in-run eval, test
     resumed: dict[str, int] | None = None
+    audit: dict[str, Any] | None = None  # `audit=true`: each attack's verdict (audit/summary)
 
     def scored(self) -> Scored:
         return Scored(self.metrics, self.truth_ratios)

@@ -38,6 +38,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dsunlearn.audit.auditor import Auditor, write_audit
+from dsunlearn.audit.verdict import audit_summary
+from dsunlearn.audit.weights import capture_local
 from dsunlearn.cache import gold_dir, is_complete, vanilla_dir
 from dsunlearn.config import LearnConfig, UnlearnConfig, to_dict
 from dsunlearn.data.benchmark import Benchmark
@@ -67,6 +70,7 @@ from dsunlearn.methods.base import Method, RunContext
 from dsunlearn.models.loader import load_model_and_processor
 from dsunlearn.models.lora import apply_lora
 from dsunlearn.recipes import reference_cache
+from dsunlearn.recipes.audit import check_settings
 from dsunlearn.recipes.common import (
     deepspeed_config,
     encode_batch,
@@ -133,6 +137,7 @@ class Run:
     ref: Any  # the frozen reference engine (vanilla weights)
     tracker: Tracker
     preempt: PreemptionFlag
+    auditor: Auditor | None = None  # `audit=true`
 
     @property
     def zero3(self) -> bool:
@@ -170,10 +175,33 @@ def setup(cfg: UnlearnConfig, preempt: PreemptionFlag) -> Run:
         vanilla, dtype=model_dtype(cfg.model), ds_config=ds
     )
     ref = build_reference_engine(ref_model, ds)
+    gold = resolve_gold(cfg)
+    auditor = build_auditor(cfg, bench, info, vanilla, gold) if cfg.audit.enabled else None
     tracker = Tracker.open(cfg.report_to, run_dir, cfg.name, to_dict(cfg), info.is_main)
     return Run(
-        cfg, info, bench, vanilla, resolve_gold(cfg), ds, run_dir, fp, progress, protocol,
-        test_sets, val_sets, processor, ref, tracker, preempt,
+        cfg, info, bench, vanilla, gold, ds, run_dir, fp, progress, protocol,
+        test_sets, val_sets, processor, ref, tracker, preempt, auditor,
+    )  # fmt: skip
+
+
+def build_auditor(
+    cfg: UnlearnConfig, bench: Benchmark, info: DistInfo, vanilla: str, gold: str | None
+) -> Auditor:
+    """The audit of each method's selected weights (`audit=true`), against the run's gold and
+    vanilla models; refused with one line where it cannot run."""
+    check_settings(cfg.audit, cfg.eval.benchmark, info.world_size)
+    if gold is None:
+        raise ConfigError(
+            "audit=true needs the gold model (gold=DIR, or `dsunlearn learn gold=true` first)"
+        )
+    if cfg.peft.lora.r > 0:
+        raise ConfigError(
+            "audit=true audits full fine-tuning runs; for a LoRA run, export the merged model "
+            "(dsunlearn export --merge-lora) and run dsunlearn audit on it"
+        )
+    return Auditor(
+        cfg.audit, bench, cfg.data, cfg.eval.benchmark, gold, vanilla, info, cfg.eval,
+        cfg.deepspeed, cfg.model.dtype, cfg.seed,
     )  # fmt: skip
 
 
@@ -433,8 +461,17 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         st.timing["test_s"] = time.time() - tick
         log.info(f"{method.name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     st.timing["total_s"] = time.time() - t0
+    kept = capture_local(engine.module, run.vanilla, method.name) if run.auditor else None
     del engine, model
     gc.collect()
+    audit = None
+    if run.auditor is not None and kept is not None:  # on the kept partitions, engine freed
+        tick = time.time()
+        full = run.auditor.audit(kept)
+        if run.info.is_main:
+            write_audit(full, run.run_dir / "audit" / method.name)
+        audit = audit_summary(full)
+        st.timing["audit_s"] = time.time() - tick
     return MethodResult(
         name=method.name,
         metrics=metrics,
@@ -445,6 +482,7 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         info=method.report_info(),
         timing={k: round(v, 3) for k, v in st.timing.items()},
         resumed={"from_step": resume.step} if resume else None,
+        audit=audit,
     )
 
 
@@ -530,6 +568,9 @@ def build_report(run: Run, refs: References, results: dict[str, MethodResult], t
     resumed = {name: r.resumed for name, r in results.items() if r.resumed}
     if resumed:
         report["resumed"] = resumed
+    audits = {name: r.audit for name, r in results.items() if r.audit}
+    if audits:
+        report["audit"] = audits
     return report
 
 
