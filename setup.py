@@ -21,9 +21,12 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.15",
     "optuna>=4.0",
     "psutil>=5.9",
-    # audit's quantization attack: affine group-wise primitives (26 MB, no dependencies)
-    "torchao==0.18.0",
 ]
+
+# audit's quantization attack rounds through torchao's affine primitives when it is installed,
+# else through the same arithmetic in plain torch (tested equal). Optional: once installed,
+# transformers imports it in every process (0.5 s and a screen of warnings per rank).
+QUANT = ["torchao==0.18.0"]
 
 # report_to=[wandb]: offline runs; reinit="create_new" (a fresh run per open) needs 0.19.10.
 # About 22 MB of wheels (wandb's own 20 MB, with its wandb-core binary) and 20 small packages.
@@ -33,6 +36,7 @@ EXTRAS_REQUIRE = {
     "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff==0.17.6", *TRACKING],
     "gpu": ["flash-attn>=2.6", "liger-kernel>=0.6"],
     "tracking": TRACKING,
+    "quant": QUANT,
 }
 
 setup(

@@ -1,9 +1,10 @@
 """Quantization attack: weight-only, group-wise, symmetric round-to-nearest (int8 and int4,
 groups of `quant_group` weights along each row), then forget and retain VQA.
 
-torchao's affine primitives do the rounding (they run on CPU for both widths; its int4 module
-configs do not); rows that the group does not divide go through `rtn_symmetric`, the same
-arithmetic in plain torch. bitsandbytes runs on CPU too, but its int8 is per row only and its
+Where torchao is installed (`pip install -e .[quant]`) its affine primitives do the rounding
+(they run on CPU for both widths; its int4 module configs do not); otherwise, and for rows the
+group does not divide, `rtn_symmetric` does: the same arithmetic in plain torch, equal to
+torchao's bit for bit (tests/test_audit.py, against outputs torchao 0.18.0 wrote). bitsandbytes runs on CPU too, but its int8 is per row only and its
 4-bit formats (nf4, fp4) are not integer grids, so it cannot do this grouping.
 
 Zhang et al. 2024 ("Catastrophic Failure of LLM Unlearning via Quantization") found that 4-bit
