@@ -196,12 +196,12 @@ def test_bad_settings_are_one_line(overrides, message):
 
 # ----------------------------------------------------------------------------- the command
 
-SMALL = [
+SMALL = [  # every attack, at the least work that still exercises it
     "audit.relearn_steps=[1,2]",
-    "audit.retain_max_items=24",
-    "audit.rephrase=[flip,redraw]",
+    "audit.retain_max_items=12",
+    "audit.rephrase=[redraw]",
     "audit.redraw_views=1",
-    "eval.max_items=24",
+    "eval.max_items=12",
 ]
 
 
@@ -313,6 +313,11 @@ def test_reference_cache_runs_gold_once_and_the_audited_model_always(tmp_path, m
     assert len(calls) == 5
 
 
+# The frozen path (quant, mia; probe and rephrase load the same way) and the trainable one
+# (relearn): what the kept partitions must survive.
+ATTACKS_ON_WEIGHTS = "audit.attacks=[relearn,quant,mia]"
+
+
 @pytest.mark.slow
 def test_unlearn_audit_true_audits_the_selected_weights_where_they_are(
     tmp_path, bench0, vanilla_audit
@@ -334,6 +339,7 @@ def test_unlearn_audit_true_audits_the_selected_weights_where_they_are(
         "checkpoint.final=true",
         "audit=true",
         *SMALL,
+        ATTACKS_ON_WEIGHTS,
         f"audit.reference_cache={tmp_path / 'refs'}",
         name="run",
     )
@@ -341,7 +347,7 @@ def test_unlearn_audit_true_audits_the_selected_weights_where_they_are(
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     summary = report["audit"]["ga"]
-    assert set(summary["verdicts"]) == {"relearn", "quant", "probe", "rephrase", "mia"}
+    assert set(summary["verdicts"]) == {"relearn", "quant", "mia"}
     assert "## Audit" in (tmp_path / "run" / "report.md").read_text()
     in_run = json.loads((tmp_path / "run" / "audit" / "ga" / "audit.json").read_text())
 
@@ -350,18 +356,18 @@ def test_unlearn_audit_true_audits_the_selected_weights_where_they_are(
     exp = run_cli(["export", "--ckpt", str(ckpt), "--out", str(folder)], cwd=REPO)
     assert exp.returncode == 0, exp.stderr[-2000:]
     cached = f"audit.reference_cache={tmp_path / 'refs'}"
-    proc = run_deepspeed(2, _audit_args(tmp_path / "audit", bench0, folder, cached), cwd=REPO)
+    args = _audit_args(tmp_path / "audit", bench0, folder, cached, ATTACKS_ON_WEIGHTS)
+    proc = run_deepspeed(2, args, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     from_folder = json.loads((tmp_path / "audit" / "audit.json").read_text())
-    for name in ("relearn", "quant", "probe", "rephrase", "mia"):
+    for name in ("relearn", "quant", "mia"):
         assert in_run["attacks"][name]["model"] == from_folder["attacks"][name]["model"], name
     # GA moved the weights: the audited model is not the vanilla model
     assert in_run["attacks"]["mia"]["model"] != in_run["attacks"]["mia"]["vanilla"]
     # 2 ranks give the 1-rank figures (relearning and MIA up to float summation order)
     two, one = in_run["attacks"], vanilla_audit["attacks"]
     for role in ("gold", "vanilla"):
-        for name in ("quant", "rephrase", "probe"):
-            assert two[name][role] == one[name][role], (name, role)
+        assert two["quant"][role] == one["quant"][role], role
         assert two["relearn"][role]["forget_facts"] == one["relearn"][role]["forget_facts"]
         for stat, v in one["mia"][role].items():
             if isinstance(v, dict):
