@@ -78,10 +78,7 @@ def auc(
     that a random member outscores a random nonmember, ties counted one half (Mann-Whitney U /
     (n_member * n_nonmember)). 0.5 = indistinguishable; nan when either side is empty; a nan
     score raises (it would be silently ranked otherwise)."""
-    pos = [float(x) for x in _as_list(member_scores)]
-    neg = [float(x) for x in _as_list(nonmember_scores)]
-    if any(math.isnan(x) for x in pos + neg):
-        raise ValueError("scores contain nan")
+    pos, neg = _checked_scores(member_scores, nonmember_scores)
     if not pos or not neg:
         return math.nan
     # Mid-ranks over the pooled scores; U = (sum of member ranks) - n_pos (n_pos + 1) / 2.
@@ -96,6 +93,17 @@ def auc(
         i = j
     u = rank_sum - len(pos) * (len(pos) + 1) / 2
     return u / (len(pos) * len(neg))
+
+
+def _checked_scores(
+    member_scores: Sequence[float] | torch.Tensor, nonmember_scores: Sequence[float] | torch.Tensor
+) -> tuple[list[float], list[float]]:
+    """Both sides as float lists; a nan score raises (it would be silently ranked otherwise)."""
+    pos = [float(x) for x in _as_list(member_scores)]
+    neg = [float(x) for x in _as_list(nonmember_scores)]
+    if any(math.isnan(x) for x in pos + neg):
+        raise ValueError("scores contain nan")
+    return pos, neg
 
 
 def _as_list(x: Sequence[float] | torch.Tensor) -> list[float]:
@@ -287,10 +295,7 @@ def tpr_at_fpr(
     """
     if not 0 <= fpr <= 1:
         raise ValueError(f"fpr is a fraction in [0, 1], got {fpr}")
-    pos = [float(x) for x in _as_list(member_scores)]
-    neg = [float(x) for x in _as_list(nonmember_scores)]
-    if any(math.isnan(x) for x in pos + neg):
-        raise ValueError("scores contain nan")
+    pos, neg = _checked_scores(member_scores, nonmember_scores)
     if not pos or not neg:
         return math.nan
     # the 1e-9 keeps float error from dropping an allowed nonmember: 1% of 100 is 1

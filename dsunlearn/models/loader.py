@@ -107,7 +107,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _resolve(name_or_path: str) -> tuple[str, bool]:
+def resolve_source(name_or_path: str) -> tuple[str, bool]:
     """(what to pass to from_pretrained, local_files_only). Fails fast with one clear line."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -200,7 +200,7 @@ def load_model_and_processor(
     if name_or_path in TINY_MODELS:
         return _build_tiny(name_or_path, dtype, seed)
 
-    source, local_only = _resolve(name_or_path)
+    source, local_only = resolve_source(name_or_path)
     _check_family(source, local_only)
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)

@@ -62,10 +62,10 @@ def architecture(role: str, path: str) -> dict[str, Any]:
     """The fields of `path`'s config that fix its architecture; a missing model is one line."""
     from transformers import AutoConfig
 
-    from dsunlearn.models.loader import _resolve
+    from dsunlearn.models.loader import resolve_source
 
     try:
-        source, local = _resolve(path)
+        source, local = resolve_source(path)
         cfg = AutoConfig.from_pretrained(source, local_files_only=local).to_dict()
     except ModelError as e:
         raise ModelError(f"{role} model: {e}") from None
