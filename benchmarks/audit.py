@@ -12,7 +12,8 @@ its first run before the next one starts.
 
 Writes benchmarks/results/audit.json (every run's audit summary and key figures, wall times)
 and prints the markdown table for RESULTS.md: per method, mean over seeds of each attack's
-figure minus gold's, and on how many seeds each verdict came out "hidden" / "readable".
+figure minus gold's (mean ± sample std), and on how many seeds each attack's verdict was
+other than "removed" / "like gold".
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from quality_runs import REPO, write_result
 METHODS = ("ga", "graddiff", "kl_min", "npo", "siu", "mmunlearner")
 # Figures of the audited model minus gold's under the same attack (higher: more comes back).
 FIGURES = (
-    ("relearning (20 steps)", "relearn"),
+    ("after 20 relearning steps", "relearn"),
+    ("recovery in 20 steps", "recovery"),
     ("int4 forget VQA", "int4"),
     ("int8 forget VQA", "int8"),
-    ("probe (last layer)", "probe"),
+    ("probe (best layer)", "probe"),
     ("worst rephrasing", "rephrase"),
-    ("min-k AUC", "mink_auc"),
-    ("min-k++ AUC", "minkpp_auc"),
+    ("best MIA AUC", "mia_auc"),
 )
 
 
@@ -69,62 +70,68 @@ def run_one(seed: int, method: str, out: Path, extra: list[str], threads: int) -
     report = json.loads((out / name / "report.json").read_text())
     audit = json.loads((out / name / "audit" / method / "audit.json").read_text())
     print(f"{name}: {wall:.0f} s, {report['audit'][method]['verdicts']}", flush=True)
-    return {"wall_s": wall, "summary": report["audit"][method], "figures": figures(audit)}
+    return {"wall_s": wall, "summary": report["audit"][method], "attacks": audit["attacks"]}
 
 
-def figures(audit: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Each FIGURES value of the audited model, gold and vanilla (figures minus gold later)."""
+def figures(attacks: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each FIGURES value of the audited model, gold and vanilla, each minus gold's under the
+    same attack (the view, layer or statistic where the model is furthest above gold)."""
     from dsunlearn.audit.verdict import relearn_at
 
-    a = audit["attacks"]
-    out: dict[str, dict[str, float]] = {}
-    for role in ("model", "gold", "vanilla"):
-        r = a["relearn"][role]
-        out[role] = {
-            "relearn": relearn_at(r, "forget_facts") - r["forget_facts"][0],
-            "int4": a["quant"][role]["int4"]["forget_vqa"],
-            "int8": a["quant"][role]["int8"]["forget_vqa"],
-            "probe": a["probe"][role]["last"]["forget_heldout"],
-            "mink_auc": a["mia"][role]["mink"]["auc"],
-            "minkpp_auc": a["mia"][role]["minkpp"]["auc"],
+    def level(role: str) -> dict[str, Any]:
+        r, q, p, m = (attacks[k][role] for k in ("relearn", "quant", "probe", "mia"))
+        return {
+            "forget_vqa": attacks["rephrase"][role]["original"],
+            "relearn": relearn_at(r, "forget_facts"),
+            "recovery": relearn_at(r, "forget_facts") - r["forget_facts"][0],
+            "int4": q["int4"]["forget_vqa"],
+            "int8": q["int8"]["forget_vqa"],
+            "probe": {k: p[k]["forget_heldout"] for k in ("middle", "last")},
+            "rephrase": {k: v for k, v in attacks["rephrase"][role].items() if k != "original"},
+            "mia_auc": {k: v["auc"] for k, v in m.items() if isinstance(v, dict)},
         }
-        views = {k: v for k, v in a["rephrase"][role].items() if k != "original"}
-        out[role]["rephrase_views"] = views
-        out[role]["forget_vqa"] = a["rephrase"][role]["original"]
-    gold_views = out["gold"]["rephrase_views"]
-    for role in out:
-        gaps = {k: v - gold_views[k] for k, v in out[role]["rephrase_views"].items()}
-        out[role]["rephrase"] = max(gaps.values())  # vs gold, the worst view
+
+    levels = {role: level(role) for role in ("model", "gold", "vanilla")}
+    gold = levels["gold"]
+    out: dict[str, dict[str, float]] = {}
+    for role, lv in levels.items():
+        out[role] = {"forget_vqa": lv["forget_vqa"]}
+        for _, key in FIGURES:
+            if isinstance(lv[key], dict):  # the worst case over views / layers / statistics
+                out[role][key] = max(v - gold[key][k] for k, v in lv[key].items())
+            else:
+                out[role][key] = lv[key] - gold[key]
     return out
+
+
+def _mean_std(values: list[float], sign: str) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):{sign}.3f} ± {std:.3f}"
 
 
 def render(result: dict[str, Any]) -> None:
     print(f"\n{len(result['seeds'])} seeds x {len(result['runs'])} methods: "
           f"{result['wall_s']['total']:.0f} s\n")  # fmt: skip
-    head = ["model", "forget VQA", *(c for c, _ in FIGURES), "hidden (of seeds)", "readable"]
+    head = ["model", "forget VQA", *(c for c, _ in FIGURES), "verdicts (of seeds)"]
     print("| " + " | ".join(head) + " |")
     print("|---|" + "---|" * (len(head) - 1))
     rows = [("vanilla", None), *((m, m) for m in result["runs"])]
     for label, method in rows:
         runs = result["runs"][method or next(iter(result["runs"]))]
         role = "model" if method else "vanilla"
-        cells = [f"{statistics.fmean(r['figures'][role]['forget_vqa'] for r in runs.values()):.3f}"]
-        for _, key in FIGURES:
-            vals = [
-                r["figures"][role][key] - (0 if key == "rephrase" else r["figures"]["gold"][key])
-                for r in runs.values()
-            ]
-            cells.append(f"{statistics.fmean(vals):+.3f}")
-        if method:
+        figs = [figures(r["attacks"])[role] for r in runs.values()]
+        cells = [_mean_std([f["forget_vqa"] for f in figs], "")]
+        cells += [_mean_std([f[key] for f in figs], "+") for _, key in FIGURES]
+        if method:  # each attack's verdicts other than removed / like gold, over seeds
             verdicts = [r["summary"]["verdicts"] for r in runs.values()]
-            hidden = sorted({a for v in verdicts for a, s in v.items() if s == "hidden"})
-            readable = sorted({a for v in verdicts for a, s in v.items() if s == "readable"})
-            count = {a: sum(v.get(a) == "hidden" for v in verdicts) for a in hidden}
-            rcount = {a: sum(v.get(a) == "readable" for v in verdicts) for a in readable}
-            cells.append(", ".join(f"{a} {n}/{len(runs)}" for a, n in count.items()) or "none")
-            cells.append(", ".join(f"{a} {n}/{len(runs)}" for a, n in rcount.items()) or "none")
+            counts: dict[str, int] = {}
+            for v in verdicts:
+                for attack, status in v.items():
+                    if status not in ("removed", "like gold"):
+                        counts[f"{attack} {status}"] = counts.get(f"{attack} {status}", 0) + 1
+            cells.append(", ".join(f"{k} {n}/{len(runs)}" for k, n in counts.items()) or "none")
         else:
-            cells += ["—", "—"]
+            cells.append("—")
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from audit import figures
 from quality_runs import REPO, write_result
 
 METHODS = ("ga", "graddiff", "kl_min", "npo", "siu", "mmunlearner")
@@ -44,6 +45,8 @@ COLUMNS = (
     ("retain text QA", "retain_text_qa_acc"),
     ("MIA AUC", "mia_mink20_auc_forget_vs_heldout"),
 )
+# From benchmarks/audit.py's runs of the same chosen settings: minus gold's, same attack.
+AUDIT_COLUMNS = (("relearn recovery @20 vs gold", "recovery"), ("int4 forget VQA vs gold", "int4"))
 
 
 def run_sweep(seed: int, method: str, trials: int, out: Path, threads: int) -> dict[str, Any]:
@@ -147,16 +150,32 @@ def _cell(mean_std: list[float], key: str) -> str:
     return f"{mean_std[0]:{fmt}} ± {mean_std[1]:{fmt}}"
 
 
+def audit_cells(name: str) -> list[str]:
+    """The audit's two columns for one row of the table (benchmarks/audit.py's results, if
+    run): relearning recovery at 20 steps and int4 forget VQA, each minus gold's."""
+    path = REPO / "benchmarks/results/audit.json"
+    if not path.exists():
+        return ["—"] * len(AUDIT_COLUMNS)
+    runs = json.loads(path.read_text())["runs"]
+    role = "vanilla" if name == "vanilla" else "model"
+    key = next(iter(runs)) if name in ("vanilla", "gold") else name
+    if key not in runs:
+        return ["—"] * len(AUDIT_COLUMNS)
+    figs = [figures(r["attacks"])["gold" if name == "gold" else role] for r in runs[key].values()]
+    return [_cell(list(mean_std([f[k] for f in figs])), k) for _, k in AUDIT_COLUMNS]
+
+
 def render(result: dict[str, Any]) -> None:
     """The plot and the markdown table of a quality result (also for `--replot`)."""
     plot(result["per_seed"], result["references"], REPO / "benchmarks/plots/quality_tradeoff.png")
     n_seeds, n_methods = len(result["seeds"]), len(result["per_seed"])
     total = result["wall_s"]["total"]
     print(f"\n{n_seeds} seeds x {n_methods} methods x {result['trials']} trials: {total:.0f} s\n")
-    print("| model | " + " | ".join(c for c, _ in COLUMNS) + " |")
-    print("|---|" + "---|" * len(COLUMNS))
+    columns = (*COLUMNS, *AUDIT_COLUMNS)
+    print("| model | " + " | ".join(c for c, _ in columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for name, r in result["summary"].items():
-        cells = [_cell(r[k], k) if k in r else "—" for _, k in COLUMNS]
+        cells = [_cell(r[k], k) if k in r else "—" for _, k in COLUMNS] + audit_cells(name)
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nchosen settings (seed: values)")
     for m, by_seed in result["settings"].items():
