@@ -75,32 +75,24 @@ def run_one(seed: int, method: str, out: Path, extra: list[str], threads: int) -
 
 def figures(attacks: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Each FIGURES value of the audited model, gold and vanilla, each minus gold's under the
-    same attack (the view, layer or statistic where the model is furthest above gold)."""
-    from dsunlearn.audit.verdict import relearn_at
+    same attack (the view, layer or statistic where it is furthest above gold): the gaps the
+    audit's own judges compute, with each role in the judged model's place."""
+    from dsunlearn.audit.verdict import JUDGES
 
-    def level(role: str) -> dict[str, Any]:
-        r, q, p, m = (attacks[k][role] for k in ("relearn", "quant", "probe", "mia"))
-        return {
-            "forget_vqa": attacks["rephrase"][role]["original"],
-            "relearn": relearn_at(r, "forget_facts"),
-            "recovery": relearn_at(r, "forget_facts") - r["forget_facts"][0],
-            "int4": q["int4"]["forget_vqa"],
-            "int8": q["int8"]["forget_vqa"],
-            "probe": {k: p[k]["forget_heldout"] for k in ("middle", "last")},
-            "rephrase": {k: v for k, v in attacks["rephrase"][role].items() if k != "original"},
-            "mia_auc": {k: v["auc"] for k, v in m.items() if isinstance(v, dict)},
-        }
-
-    levels = {role: level(role) for role in ("model", "gold", "vanilla")}
-    gold = levels["gold"]
     out: dict[str, dict[str, float]] = {}
-    for role, lv in levels.items():
-        out[role] = {"forget_vqa": lv["forget_vqa"]}
-        for _, key in FIGURES:
-            if isinstance(lv[key], dict):  # the worst case over views / layers / statistics
-                out[role][key] = max(v - gold[key][k] for k, v in lv[key].items())
-            else:
-                out[role][key] = lv[key] - gold[key]
+    for role in ("model", "gold", "vanilla"):
+        # margin 0: only the gaps are read here, not the verdicts
+        v = {k: JUDGES[k]({"model": a[role], "gold": a["gold"]}, 0.0) for k, a in attacks.items()}
+        out[role] = {
+            "forget_vqa": attacks["rephrase"][role]["original"],
+            "relearn": v["relearn"]["gap_at_step"],
+            "recovery": v["relearn"]["recovery_vs_gold"],
+            "int4": v["quant"]["int4_gap"],
+            "int8": v["quant"]["int8_gap"],
+            "probe": max(v["probe"]["middle"], v["probe"]["last"]),
+            "rephrase": max(x for k, x in v["rephrase"].items() if k.endswith("_gap")),
+            "mia_auc": max(x for k, x in v["mia"].items() if k not in ("status", "why")),
+        }
     return out
 
 

@@ -150,19 +150,21 @@ def _cell(mean_std: list[float], key: str) -> str:
     return f"{mean_std[0]:{fmt}} ± {mean_std[1]:{fmt}}"
 
 
-def audit_cells(name: str) -> list[str]:
-    """The audit's two columns for one row of the table (benchmarks/audit.py's results, if
+def audit_cells() -> dict[str, list[str]]:
+    """The audit's two columns for each row of the table (benchmarks/audit.py's results, if
     run): relearning recovery at 20 steps and int4 forget VQA, each minus gold's."""
     path = REPO / "benchmarks/results/audit.json"
     if not path.exists():
-        return ["—"] * len(AUDIT_COLUMNS)
+        return {}
     runs = json.loads(path.read_text())["runs"]
-    role = "vanilla" if name == "vanilla" else "model"
-    key = next(iter(runs)) if name in ("vanilla", "gold") else name
-    if key not in runs:
-        return ["—"] * len(AUDIT_COLUMNS)
-    figs = [figures(r["attacks"])["gold" if name == "gold" else role] for r in runs[key].values()]
-    return [_cell(list(mean_std([f[k] for f in figs])), k) for _, k in AUDIT_COLUMNS]
+    figs = {m: [figures(r["attacks"]) for r in by_seed.values()] for m, by_seed in runs.items()}
+    rows = {m: [f["model"] for f in fs] for m, fs in figs.items()}
+    any_method = next(iter(figs.values()))  # gold's and vanilla's are the same in every run
+    rows |= {role: [f[role] for f in any_method] for role in ("gold", "vanilla")}
+    return {
+        name: [_cell(list(mean_std([f[k] for f in fs])), k) for _, k in AUDIT_COLUMNS]
+        for name, fs in rows.items()
+    }
 
 
 def render(result: dict[str, Any]) -> None:
@@ -174,8 +176,10 @@ def render(result: dict[str, Any]) -> None:
     columns = (*COLUMNS, *AUDIT_COLUMNS)
     print("| model | " + " | ".join(c for c, _ in columns) + " |")
     print("|---|" + "---|" * len(columns))
+    audit = audit_cells()
     for name, r in result["summary"].items():
-        cells = [_cell(r[k], k) if k in r else "—" for _, k in COLUMNS] + audit_cells(name)
+        cells = [_cell(r[k], k) if k in r else "—" for _, k in COLUMNS]
+        cells += audit.get(name, ["—"] * len(AUDIT_COLUMNS))
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nchosen settings (seed: values)")
     for m, by_seed in result["settings"].items():

@@ -16,7 +16,13 @@ from dsunlearn.audit.probe import fit_probe, probe_accuracy
 from dsunlearn.audit.quantize import fake_quantize, rtn_symmetric
 from dsunlearn.audit.rephrase import TRANSFORMS, flip, redrawn_views
 from dsunlearn.audit.sets import build_audit_sets
-from dsunlearn.audit.verdict import judge_mia, judge_probe, judge_quant, judge_relearn
+from dsunlearn.audit.verdict import (
+    judge_mia,
+    judge_probe,
+    judge_quant,
+    judge_relearn,
+    judge_rephrase,
+)
 from dsunlearn.config import AuditConfig, EvalConfig
 from dsunlearn.errors import ConfigError
 from dsunlearn.recipes.audit import check_settings
@@ -152,6 +158,17 @@ def test_quantization_probe_and_mia_verdicts():
 
     assert judge_mia({"model": m(0.8), "gold": m(0.5)}, 0.1)["status"] == "readable"
     assert judge_mia({"model": m(0.55), "gold": m(0.5)}, 0.1)["status"] == "like gold"
+
+
+def test_rephrase_verdicts_and_gaps():
+    gold = {"original": 0.1, "flip": 0.1, "redraw": 0.2}
+    hidden = judge_rephrase(
+        {"model": {"original": 0.1, "flip": 0.15, "redraw": 0.5}, "gold": gold}, 0.1
+    )
+    assert hidden["status"] == "hidden"
+    assert hidden["flip_gap"] == pytest.approx(0.05) and hidden["redraw_gap"] == pytest.approx(0.3)
+    removed = judge_rephrase({"model": {**gold, "redraw": float("nan")}, "gold": gold}, 0.1)
+    assert removed["status"] == "removed" and "redraw_gap" not in removed  # no view: no gap
 
 
 # ----------------------------------------------------------------------------- sets and settings

@@ -75,7 +75,7 @@ def judge_rephrase(res: dict[str, dict], margin: float) -> dict[str, Any]:
         if k != "original" and not (math.isnan(m[k]) or math.isnan(g[k]))
     }
     status, why = _status(_gap(m["original"], g["original"]), after, margin)
-    return {"status": status, "why": why}
+    return {"status": status, "why": why, **{f"{k}_gap": v for k, v in after.items()}}
 
 
 def judge_probe(res: dict[str, dict], margin: float) -> dict[str, Any]:
