@@ -63,18 +63,28 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, small_bench, random_vanilla) -> Path:
+def refs(tmp_path_factory) -> str:
+    """A reference cache shared by the 2-rank runs of the clean benchmark: the run that is
+    stopped and resumed reads the uninterrupted run's vanilla and gold scores."""
+    return f"eval.reference_cache={tmp_path_factory.mktemp('refs')}"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, small_bench, random_vanilla, refs) -> Path:
     """The uninterrupted 2-rank run, tracked to TensorBoard."""
     out = tmp_path_factory.mktemp("inrun")
-    args = _args(out, small_bench, random_vanilla, "full", "report_to=[tensorboard]")
+    args = _args(out, small_bench, random_vanilla, "full", "report_to=[tensorboard]", refs)
     _ok(run_deepspeed(2, args, cwd=REPO))
     return out / "full"
 
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory, small_bench, random_vanilla) -> Path:
+    """The same run on 1 rank, on a copy of the benchmark whose test split has wrong answers:
+    neither the world size nor the test split may change what in-run evaluation sees."""
     out = tmp_path_factory.mktemp("inrun1")
-    _ok(run_cli(_args(out, small_bench, random_vanilla, "one"), out))
+    bad = _corrupt_test_answers(small_bench, out / "bad")
+    _ok(run_cli(_args(out, bad, random_vanilla, "one"), out))
     return out / "one"
 
 
@@ -131,19 +141,24 @@ def test_the_final_checkpoint_holds_the_selected_steps_weights(
     assert _max_diff(_final_weights(tmp_path / "to2"), _final_weights(two_ranks)) == 0.0
 
 
-def test_one_and_two_ranks_give_the_same_curves(two_ranks, one_rank):
+def test_one_and_two_ranks_give_the_same_curves_whatever_the_test_split_says(two_ranks, one_rank):
     one, two = _report(one_rank), _report(two_ranks)
     assert one["curves"] == two["curves"]
-    assert one["selection"]["ga"]["step"] == two["selection"]["ga"]["step"] == 2
+    assert one["selection"] == two["selection"] and two["selection"]["ga"]["step"] == 2
     assert one["val"] == two["val"]
+    # ... while the test numbers did change: the corruption reached what the report gives
+    # (vanilla's weights are the same on both; evaluation does not depend on the world size)
+    assert one["methods"]["ga"]["forget_vqa_acc"] != two["methods"]["ga"]["forget_vqa_acc"]
+    assert one["vanilla"]["retain_vqa_acc"] != two["vanilla"]["retain_vqa_acc"]
 
 
 def test_preempted_run_resumes_to_the_same_selection(
-    tmp_path, two_ranks, small_bench, random_vanilla
+    tmp_path, two_ranks, small_bench, random_vanilla, refs
 ):
-    cut = _args(tmp_path, small_bench, random_vanilla, "cut", "checkpoint.stop_at=3")
+    cut = _args(tmp_path, small_bench, random_vanilla, "cut", "checkpoint.stop_at=3", refs)
     proc = run_deepspeed(2, cut, cwd=REPO)
     assert proc.returncode == PREEMPTED_EXIT, proc.stderr[-3000:]
+    assert "reference scores from" in proc.stdout + proc.stderr  # the full run's, same key
     _ok(run_deepspeed(2, [*cut, "resume=auto"], cwd=REPO))
     run, ref = _report(tmp_path / "cut"), _report(two_ranks)
     assert run["resumed"] == {"ga": {"from_step": 3}}
@@ -170,19 +185,6 @@ def _corrupt_test_answers(bench: Path, out: Path) -> Path:
                         t["Ground_Truth"] = "corrupted"
             pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), f)
     return out
-
-
-def test_corrupting_the_test_split_leaves_selection_unchanged(
-    tmp_path, one_rank, small_bench, random_vanilla
-):
-    bad = _corrupt_test_answers(small_bench, tmp_path / "bad")
-    _ok(run_cli(_args(tmp_path, bad, random_vanilla, "bad"), tmp_path))
-    run, ref = _report(tmp_path / "bad"), _report(one_rank)
-    assert run["curves"] == ref["curves"] and run["selection"] == ref["selection"]
-    assert run["val"] == ref["val"]
-    # ... while the test numbers did change: the corruption reached what the report gives
-    assert run["methods"]["ga"]["forget_vqa_acc"] != ref["methods"]["ga"]["forget_vqa_acc"]
-    assert run["vanilla"]["retain_vqa_acc"] != ref["vanilla"]["retain_vqa_acc"]
 
 
 def test_tensorboard_holds_the_curves(two_ranks):

@@ -78,27 +78,40 @@ def _gathered(folder: Path, world: int) -> tuple[dict[str, torch.Tensor], dict]:
     return full, summary
 
 
+@pytest.fixture(scope="module")
+def saliency(tmp_path_factory, small_bench, random_vanilla):
+    """`saliency(mode, world)`: the folder of that run over every weight (3 units), run once per
+    module: the top-k mask on 2 ranks also drives the masked-update test."""
+    done: dict[tuple[str, int], Path] = {}
+
+    def run(mode: str, world: int) -> Path:
+        if (mode, world) not in done:
+            out = tmp_path_factory.mktemp(f"saliency-{mode}-w{world}")
+            args = [
+                "saliency",
+                f"vanilla={random_vanilla}",
+                f"data.path={small_bench}",
+                "max_units=3",
+                f"mask.mode={mode}",
+                "mask.modules=both",  # every weight takes part, so the top-k count is checkable
+                "mask.linear_only=false",
+                f"out_dir={out}",
+                f"deepspeed={DS_CONFIG}",
+            ]
+            proc = run_deepspeed(world, args, cwd=REPO, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            done[mode, world] = out
+        return done[mode, world]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ratio", "topk"])
-def test_masks_are_bit_identical_on_one_and_two_ranks(tmp_path, small_bench, mode):
-    vanilla = save_random_tiny("tiny-llava", tmp_path / "vanilla")
+def test_masks_are_bit_identical_on_one_and_two_ranks(saliency, mode):
     masks, summaries = {}, {}
     for world in (1, 2):
-        out = tmp_path / f"w{world}"
-        args = [
-            "saliency",
-            f"vanilla={vanilla}",
-            f"data.path={small_bench}",
-            "max_units=3",
-            f"mask.mode={mode}",
-            "mask.modules=both",  # every weight takes part, so the top-k count is checkable
-            "mask.linear_only=false",
-            f"out_dir={out}",
-            f"deepspeed={DS_CONFIG}",
-        ]
-        proc = run_deepspeed(world, args, cwd=REPO, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        masks[world], summaries[world] = _gathered(out, world)
+        masks[world], summaries[world] = _gathered(saliency(mode, world), world)
     one, two = masks[1], masks[2]
     assert one.keys() == two.keys()
     differing = sum(int((one[n] != two[n]).sum()) for n in one)
@@ -118,20 +131,17 @@ def test_masks_are_bit_identical_on_one_and_two_ranks(tmp_path, small_bench, mod
 
 
 @pytest.mark.slow
-def test_masked_forget_steps_leave_every_unselected_weight_bit_identical(tmp_path, small_bench):
-    """2 ranks, AdamW with weight decay 0.1, 3 gradient-ascent steps through the masked update."""
+def test_masked_forget_steps_leave_every_unselected_weight_bit_identical(
+    tmp_path, saliency, small_bench, random_vanilla
+):
+    """2 ranks, AdamW with weight decay 0.1, 3 gradient-ascent steps through the masked update
+    (the top-k mask over every weight, from the 2-rank saliency run)."""
     import subprocess
 
     from dsunlearn.engine.dist import free_port
     from dsunlearn.recipes.demo import launch_env
 
-    vanilla = save_random_tiny("tiny-llava", tmp_path / "vanilla")
-    masks = tmp_path / "mask"
-    args = ["saliency", f"vanilla={vanilla}", f"data.path={small_bench}", "max_units=2"]
-    args += ["mask.modules=both", "mask.linear_only=false"]
-    args += ["mask.mode=topk", f"out_dir={masks}", f"deepspeed={DS_CONFIG}"]
-    proc = run_deepspeed(2, args, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    vanilla, masks = random_vanilla, saliency("topk", 2)
 
     def run(*extra: str) -> dict:
         out = tmp_path / f"update{'_'.join(extra)}.json"
