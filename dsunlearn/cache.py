@@ -36,7 +36,8 @@ def vanilla_key(cfg: LearnConfig) -> str:
     """The cache key of `cfg`'s model (its gold twin's when `cfg.gold`)."""
     d = to_dict(cfg)
     shaping = {
-        "model": d["model"],
+        # What the learn run's weights depend on: not how a later run computes (checkpointing).
+        "model": {"name": cfg.model.name, "dtype": cfg.model.dtype},
         "optim": d["optim"],
         "data": {k: d["data"][k] for k in ("path", "seed", "entities", "forget_pct")},
         "target_acc": d["target_acc"],
@@ -60,6 +61,24 @@ def vanilla_dir(cfg: LearnConfig) -> Path:
 def gold_dir(cfg: LearnConfig) -> Path:
     """The gold twin of the vanilla model that `cfg` learns."""
     return vanilla_dir(dataclasses.replace(cfg, gold=True))
+
+
+DTYPES = ("fp32", "bf16")
+
+
+def find_learned(cfg: LearnConfig) -> Path:
+    """The learned model (gold twin when `cfg.gold`) a run with `cfg`'s data, model and seed
+    uses, whatever dtype the run trains in: the one learned in `cfg`'s dtype if there is one,
+    else one learned in another dtype (loaded in the run's). Where none is complete, the path
+    `dsunlearn learn` would write, for the error message."""
+    own = vanilla_dir(cfg)
+    if is_complete(own):
+        return own
+    for dtype in DTYPES:
+        other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+        if is_complete(vanilla_dir(other)):
+            return vanilla_dir(other)
+    return own
 
 
 def is_complete(path: Path) -> bool:

@@ -48,6 +48,9 @@ class ModelConfig:
 
     name: str = "tiny-llava"
     dtype: str = "fp32"  # fp32 | bf16
+    # Recompute each decoder and vision layer in the backward (non-reentrant): activations
+    # then cost one layer's worth plus the layer inputs, at about one more forward of compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

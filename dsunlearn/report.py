@@ -14,12 +14,14 @@ from dsunlearn.fsutil import atomic_path, write_json_atomic, write_text_atomic
 REQUIRED_KEYS = ("vanilla", "methods", "chance", "world_size", "elapsed_s")
 # method_info: method name -> facts about its run (e.g. SIU's images); benchmark: which
 # benchmark and protocol scored the rows ({"name": ..., "split_rule": ..., ...}); judge: the
-# jailbreak judge; gold: the gold model's row (gold_model: its folder); vs_gold: row name ->
+# jailbreak judge; vanilla_model: the unlearned model's folder or hub id; gold: the gold
+# model's row (gold_model: its folder); vs_gold: row name ->
 # {"forget_quality": {p_value, ks_statistic, n, ...}, "gap": {metric: row - gold}}; val: the
 # reference rows on the validation split; curves: method -> [{"step": N, metric: value}] on the
 # validation split; selection: method -> the selected step and why; timing: method -> seconds.
 OPTIONAL_KEYS = (
     "method_info",
+    "vanilla_model",
     "benchmark",
     "judge",
     "gold",

@@ -13,15 +13,16 @@ multiple-choice item of the 24 each metric is capped at.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
 import torch
 
 from dsunlearn.cache import META_FILE, REPO_ROOT, is_complete, vanilla_dir
-from dsunlearn.config import LearnConfig
+from dsunlearn.config import LearnConfig, ModelConfig
 from dsunlearn.report import validate_report
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_deepspeed
 
 GOLDEN = REPO / "tests" / "golden" / "demo_short_report.json"
 SAME_PATH_TOL = 1e-6
@@ -152,3 +153,29 @@ def test_learn_reproduces_the_shipped_vanilla(tmp_path):
     proc = run_cli([*args, f"data.root={tmp_path / 'data'}"], tmp_path, OMP_NUM_THREADS=threads)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "(verified)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bf16_run_finds_the_fp32_learned_vanilla_and_gold(tmp_path):
+    """A bf16 run on 2 CPU ranks (`model.dtype=bf16`, the bf16 DeepSpeed config) without
+    `vanilla=`: the learned model depends on data, model and seed, not on the dtype a run
+    trains in, so the shipped fp32-learned vanilla and gold are found and loaded in bf16."""
+    from dsunlearn.cache import find_learned, gold_dir
+
+    vanilla = vanilla_dir(LearnConfig(cache_dir=str(REPO_ROOT / "checkpoints")))
+    bf16 = LearnConfig(model=ModelConfig(dtype="bf16"), cache_dir=str(REPO_ROOT / "checkpoints"))
+    assert find_learned(bf16) == vanilla and not is_complete(vanilla_dir(bf16))
+    args = ["unlearn", "--config", str(REPO / "configs" / "demo.yaml"), "name=bf16"]
+    args += [f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"]
+    args += ["model.dtype=bf16", f"deepspeed={REPO / 'configs/deepspeed/zero3_bf16.json'}"]
+    args += ["methods=[ga]", "optim.steps=2", "eval.every=0", "eval.max_items=8", "report_to=[]"]
+    proc = run_deepspeed(2, args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "bf16"
+    report = json.loads((run / "report.json").read_text())
+    losses = [row["forget_loss"] for row in json.loads((run / "losses.json").read_text())["ga"]]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert report["vanilla_model"] == str(vanilla)
+    assert report["gold_model"] == str(
+        gold_dir(LearnConfig(cache_dir=str(REPO_ROOT / "checkpoints")))
+    )

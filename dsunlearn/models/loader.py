@@ -216,6 +216,35 @@ def load_model_and_processor(
     return model, processor
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> dict[str, int]:
+    """Recompute every decoder and vision-tower layer in the backward instead of keeping its
+    activations (`model.gradient_checkpointing=true`). Non-reentrant: it works under ZeRO-3's
+    parameter hooks and with frozen inputs, and gives the same gradients as without it.
+
+    Returns the number of checkpointed layers per part; a tower with none is an error, since
+    a silently uncheckpointed vision tower (thousands of image tokens) defeats the purpose.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "use_cache"):
+            cfg.use_cache = False  # a KV cache is useless in training and clashes with recompute
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    arch = type(model).__name__
+    parts: dict[str, int] = {"vision": 0, "language": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            part = module_group(arch, name + ".weight")
+            if part in parts:
+                parts[part] += 1
+    missing = [p for p, n in parts.items() if n == 0]
+    if missing:
+        raise ModelError(
+            f"{arch}: activation checkpointing reached no layer of the {missing[0]} tower"
+        )
+    return parts
+
+
 def save_model_and_processor(
     model: PreTrainedModel,
     processor: ProcessorMixin,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dsunlearn.cache import REPO_ROOT, is_complete, vanilla_dir
+from dsunlearn.cache import REPO_ROOT, find_learned, is_complete, vanilla_dir
 from dsunlearn.config import LearnConfig, UnlearnConfig, load_config
 from dsunlearn.engine.dist import free_port
 from dsunlearn.errors import ConfigError, DsunlearnError
@@ -59,7 +59,7 @@ def run_demo(config: str | None, overrides: list[str], ranks: int) -> Path:
         raise ConfigError(f"--ranks must be at least 1, got {ranks}")
 
     learn_cfg = LearnConfig(data=cfg.data, model=cfg.model, seed=cfg.seed)
-    if cfg.vanilla is None and not is_complete(vanilla_dir(learn_cfg)):
+    if cfg.vanilla is None and not is_complete(find_learned(learn_cfg)):
         print(f"no cached vanilla model at {vanilla_dir(learn_cfg)}: learning it first (slow)")
         from dsunlearn.recipes.learn import run_learn
 

@@ -33,7 +33,11 @@ from dsunlearn.errors import ConfigError, DsunlearnError
 from dsunlearn.eval.evaluate import build_eval_sets, evaluate_suite
 from dsunlearn.fsutil import atomic_dir, write_json_atomic
 from dsunlearn.models.encode import logits_of, sequence_nll
-from dsunlearn.models.loader import load_model_and_processor, save_model_and_processor
+from dsunlearn.models.loader import (
+    enable_activation_checkpointing,
+    load_model_and_processor,
+    save_model_and_processor,
+)
 from dsunlearn.recipes.common import (
     deepspeed_config,
     encode_batch,
@@ -121,6 +125,8 @@ def run_learn(cfg: LearnConfig, force: bool = False, verify_steps: int = 0) -> P
     model, processor = load_model_and_processor(
         cfg.model.name, dtype=model_dtype(cfg.model), ds_config=ds, seed=cfg.seed
     )
+    if cfg.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     engine = build_train_engine(model, cfg.optim, ds)
 
     records = bench.forget + bench.retain

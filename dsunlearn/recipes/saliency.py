@@ -25,7 +25,11 @@ from dsunlearn.engine.engine import build_train_engine
 from dsunlearn.errors import ConfigError
 from dsunlearn.fsutil import atomic_path, write_json_atomic
 from dsunlearn.models.families import family_of_arch, strip_wrappers
-from dsunlearn.models.loader import load_model_and_processor, module_group
+from dsunlearn.models.loader import (
+    enable_activation_checkpointing,
+    load_model_and_processor,
+    module_group,
+)
 from dsunlearn.recipes.common import deepspeed_config, model_dtype, prepare_benchmark
 from dsunlearn.saliency.compute import check_saliency, compute_saliency
 from dsunlearn.saliency.store import save_mask
@@ -44,6 +48,8 @@ def run_saliency(cfg: SaliencyConfig) -> Path:
     model, processor = load_model_and_processor(
         cfg.vanilla, dtype=model_dtype(cfg.model), ds_config=ds
     )
+    if cfg.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     engine = build_train_engine(model, optim, ds)
     engine.train()
     result = compute_saliency(engine, processor, bench, cfg, info)

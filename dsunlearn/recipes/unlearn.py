@@ -25,6 +25,7 @@ progress from its latest complete checkpoint, bit for bit, selection included.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from dsunlearn.audit.auditor import Auditor, write_audit
 from dsunlearn.audit.verdict import audit_summary
 from dsunlearn.audit.weights import capture_local
-from dsunlearn.cache import gold_dir, is_complete, vanilla_dir
+from dsunlearn.cache import find_learned, is_complete
 from dsunlearn.config import LearnConfig, UnlearnConfig, to_dict
 from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.data.examples import vqa_train_examples
@@ -67,7 +68,7 @@ from dsunlearn.eval.verdict import versus_gold
 from dsunlearn.fsutil import write_json_atomic
 from dsunlearn.methods import build_method
 from dsunlearn.methods.base import Method, RunContext
-from dsunlearn.models.loader import load_model_and_processor
+from dsunlearn.models.loader import enable_activation_checkpointing, load_model_and_processor
 from dsunlearn.models.lora import apply_lora
 from dsunlearn.recipes import reference_cache
 from dsunlearn.recipes.audit import check_settings
@@ -89,7 +90,7 @@ def resolve_vanilla(cfg: UnlearnConfig) -> str:
     and seed (`dsunlearn learn data.seed=S seed=S` for `unlearn data.seed=S seed=S`)."""
     if cfg.vanilla:
         return cfg.vanilla
-    path = vanilla_dir(_learn_config(cfg))
+    path = find_learned(_learn_config(cfg))
     if not is_complete(path):
         raise ModelError(
             f"no learned vanilla model at {path}: run `dsunlearn learn` with the same data, "
@@ -105,7 +106,7 @@ def resolve_gold(cfg: UnlearnConfig) -> str | None:
         return None if cfg.gold == "none" else cfg.gold
     if cfg.vanilla:
         return None  # a user's own vanilla model: only they know its gold model
-    path = gold_dir(_learn_config(cfg))
+    path = find_learned(dataclasses.replace(_learn_config(cfg), gold=True))
     return str(path) if is_complete(path) else None
 
 
@@ -351,6 +352,8 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     model, _ = load_model_and_processor(
         run.vanilla, dtype=model_dtype(cfg.model), ds_config=method_ds, seed=cfg.seed
     )
+    if cfg.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     model = apply_lora(model, cfg.peft.lora, cfg.seed)  # unchanged unless peft.lora.r > 0
     engine = build_train_engine(model, optim, method_ds)
     engine.train()
@@ -537,6 +540,7 @@ def build_report(run: Run, refs: References, results: dict[str, MethodResult], t
         "methods": {name: r.metrics for name, r in results.items()},
         "chance": CHANCE,
         "method_info": {name: r.info for name, r in results.items() if r.info},
+        "vanilla_model": run.vanilla,  # the folder or hub id, however it was found
         "world_size": run.info.world_size,
         "elapsed_s": round(time.time() - t0, 2),
     }
