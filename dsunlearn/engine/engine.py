@@ -36,16 +36,107 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return groups
 
 
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    """Whether the DeepSpeed config moves the optimizer to host memory
+    (`zero_optimization.offload_optimizer.device` cpu or nvme)."""
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(offload.get("device") or "none").lower() != "none"
+
+
+_STALE_LOCK_S = 600  # a build takes about a minute; a lock this old was left by a killed one
+
+
+def _load_cpu_adam_op() -> None:
+    """Build (first use on a machine, about a minute) or load DeepSpeed's `cpu_adam` op, or stop
+    with one line that names what is missing.
+
+    DeepSpeed JIT-compiles it with ninja and the C++ compiler into torch's extension cache
+    (`$TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions/py3X_cpu/cpu_adam/). torch holds
+    a `lock` file there while it builds or loads, and waits forever on one a killed build left."""
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    from torch.utils.cpp_extension import _get_build_directory, is_ninja_available
+
+    from dsunlearn.errors import ConfigError
+
+    builder = CPUAdamBuilder()
+    folder = Path(_get_build_directory(builder.name, verbose=False))
+    lock = folder / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        raise ConfigError(
+            f"the build of DeepSpeed's CPU Adam op waits on {lock}, left by a build that was "
+            "killed: delete that file and start again"
+        )
+    try:
+        builder.load(verbose=False)
+    except Exception as e:  # noqa: BLE001 -- anything here means the op is unusable
+        cxx = os.environ.get("CXX", "c++")
+        tools = (("ninja", is_ninja_available()), (cxx, shutil.which(cxx)))
+        missing = [tool for tool, found in tools if not found]
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        why = f"{' and '.join(missing)} not found" if missing else cause
+        raise ConfigError(
+            f"offload_optimizer needs DeepSpeed's CPU Adam op, which could not be built: {why} "
+            f"(it is compiled on first use with ninja and a C++ compiler such as g++, into "
+            f"{folder}); or drop offload_optimizer from the DeepSpeed config"
+        ) from None
+
+
+def _resume_exact_cpu_adam(opt: Any) -> None:
+    """Make a resumed DeepSpeedCPUAdam step exactly as the uninterrupted one would.
+
+    The C++ optimizer keeps beta1^t and beta2^t (bias correction) as float32 products, updated
+    by one multiplication per step; a fresh one (after loading a checkpoint at step k) computes
+    them as pow(beta, k + 1) instead (`IncrementStep`, csrc/includes/cpu_adam.h), and the two
+    differ in the last bit at some steps (beta2 = 0.999: steps 3, 6, 19..26, ...). Before a step
+    whose count does not follow the last one the C++ side saw, this replays the missing
+    increments on empty tensors, so it holds the same products as a run that never stopped."""
+    stock_step = opt.step
+    seen = [0]  # the last step count the C++ optimizer was given
+
+    def step(closure=None):
+        states = [opt.state[p] for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        done = int(states[0].get("step", 0)) if states else seen[0]
+        if done not in (seen[0], seen[0] - 1):  # not the next step, nor the current one again
+            group, empty = opt.param_groups[0], torch.empty(0)
+            beta1, beta2 = group["betas"]
+            if done < seen[0]:  # an older checkpoint: start the products from scratch
+                opt.ds_opt_adam.create_adam(
+                    opt.opt_id, group["lr"], beta1, beta2, group["eps"], 0.0, opt.adam_w_mode, False
+                )
+                seen[0] = 0
+            args = (group["lr"], beta1, beta2, group["eps"], 0.0, group["bias_correction"])
+            for s in range(seen[0] + 1, done + 1):  # numel 0: only the step count moves
+                opt.ds_opt_adam.adam_update(opt.opt_id, s, *args, empty, empty, empty, empty)
+        out = stock_step(closure)
+        seen[0] = done + 1 if states else seen[0]
+        return out
+
+    opt.step = step
+
+
 def build_train_engine(model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str, Any]):
-    """Wrap `model` in a DeepSpeed engine with AdamW and a linear warm-up."""
+    """Wrap `model` in a DeepSpeed engine with AdamW and a linear warm-up.
+
+    AdamW is torch's, or DeepSpeed's `DeepSpeedCPUAdam` (AdamW mode, the same groups, lr,
+    betas and decay) when the config offloads the optimizer: DeepSpeed refuses any other client
+    optimizer there, and the host copies are stepped by its vectorised C++ op."""
     import deepspeed
 
-    opt = torch.optim.AdamW(
-        param_groups(model, optim.weight_decay),
-        lr=optim.lr,
-        betas=tuple(optim.betas),
-        weight_decay=optim.weight_decay,
-    )
+    groups = param_groups(model, optim.weight_decay)
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "weight_decay": optim.weight_decay}
+    if offloads_optimizer(ds_config):
+        _load_cpu_adam_op()
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        _resume_exact_cpu_adam(opt)
+    else:
+        opt = torch.optim.AdamW(groups, **kwargs)
     warmup = max(0, optim.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
@@ -81,9 +172,14 @@ def optimizer_step(
     loss: torch.Tensor,
     what: str,
     before_step: Callable[[Any], None] | None = None,
+    check: bool = True,
 ) -> None:
-    """backward, then an optional hook on the reduced local gradients, then the optimizer step."""
-    check_finite(loss, what)
+    """backward, then an optional hook on the reduced local gradients, then the optimizer step.
+
+    `check=False` leaves the finite-loss check to the caller: the unlearning loop folds it into
+    its one collective per iteration (`recipes.unlearn.sync_iteration`), after the steps."""
+    if check:
+        check_finite(loss, what)
     engine.backward(loss)
     if before_step is not None:
         before_step(engine)

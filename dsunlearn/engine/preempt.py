@@ -43,9 +43,25 @@ class PreemptionFlag:
         t = torch.tensor([self.signum or 0], dtype=torch.int64, device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if int(t.item()) and self.signum is None:
-            self.signum = int(t.item())  # another rank's signal
-        return self.signum is not None
+        got = int(t.item())
+        if got and self.signum is None:
+            self.signum = got  # another rank's signal
+        return bool(got)  # not self.signum: a signal that came after the all-reduce waits
+
+    def votes(self) -> list[float]:
+        """This rank's signal as one count per signal in SIGNALS: summed over ranks inside a
+        larger all-reduce, then read back with `agree` (no collective of its own)."""
+        return [float(self.signum == sig) for sig in SIGNALS]
+
+    def agree(self, votes: list[float]) -> bool:
+        """`requested` from `votes` summed over every rank; the first signal any rank got is
+        then the same `name` on every rank."""
+        got = [sig for sig, n in zip(SIGNALS, votes, strict=True) if n > 0]
+        if got and self.signum is None:
+            self.signum = int(got[0])  # another rank's signal
+        # From the votes only: a signal that arrived here after they were cast is counted at
+        # the next collective, so every rank takes the same branch now.
+        return bool(got)
 
     @property
     def name(self) -> str:

@@ -59,7 +59,7 @@ from dsunlearn.engine.engine import (
 from dsunlearn.engine.preempt import PreemptionFlag
 from dsunlearn.engine.snapshot import Snapshot
 from dsunlearn.engine.watchdog import watch_parent_from_env
-from dsunlearn.errors import ConfigError, DataError, ModelError, Preempted
+from dsunlearn.errors import ConfigError, DataError, ModelError, Preempted, TrainingError
 from dsunlearn.eval.benchmarks import Protocol, Scored, build_protocol
 from dsunlearn.eval.evaluate import CHANCE
 from dsunlearn.eval.selection import Selector, Targets, check_criterion
@@ -112,10 +112,6 @@ def resolve_gold(cfg: UnlearnConfig) -> str | None:
 
 def _learn_config(cfg: UnlearnConfig) -> LearnConfig:
     return LearnConfig(data=cfg.data, model=cfg.model, seed=cfg.seed)  # its seed, its model
-
-
-def _mean_over_ranks(x: torch.Tensor, world: int) -> float:
-    return float(all_reduce_sum(x.detach().float().reshape(1)).item() / world)
 
 
 @dataclass
@@ -301,30 +297,55 @@ class MethodState:
         )
 
 
+def sync_iteration(
+    run: Run, method: str, step: int, losses: list[tuple[str, torch.Tensor]]
+) -> tuple[list[float], bool]:
+    """The iteration's one collective: every step's loss, whether it was finite, and any
+    preemption signal, summed over ranks in a single all-reduce (small all-reduces each cost a
+    launch and a host sync; an iteration used to make three or more). Returns each loss's mean
+    over ranks, and whether any rank was signalled. A loss that was not finite on any rank stops every rank with one line: the steps
+    already ran, but nothing is evaluated or written from these weights."""
+    values = torch.stack([loss.detach().float().reshape(()) for _, loss in losses])
+    bad = (~torch.isfinite(values)).float()
+    votes = torch.tensor(run.preempt.votes(), device=values.device)
+    packed = torch.cat([torch.where(bad > 0, 0.0, values), bad, votes]).double()
+    total = all_reduce_sum(packed).tolist()
+    n = len(losses)
+    for (what, _), ranks_bad in zip(losses, total[n : 2 * n], strict=True):
+        if ranks_bad > 0:
+            raise TrainingError(
+                f"{method} {what} step {step}: loss is not finite (NaN or inf) on "
+                f"{int(ranks_bad)} rank(s); lower the learning rate"
+            )
+    signalled = run.preempt.agree(total[2 * n :])
+    return [x / run.info.world_size for x in total[:n]], signalled
+
+
 def train_iteration(
     method: Method, run: Run, engine: Any, step: int, forget: list[Any], retains: list[list[Any]]
-) -> tuple[dict[str, float], dict[str, float]]:
-    """One iteration: a forget step, then the method's retain steps. Returns the losses (mean
-    over ranks) and what tracking logs besides (learning rate, gradient norms)."""
+) -> tuple[dict[str, float], dict[str, float], bool]:
+    """One iteration: a forget step, then the method's retain steps, then `sync_iteration`.
+    Returns the losses (mean over ranks), what tracking logs besides (learning rate, gradient
+    norms) and whether any rank was signalled to stop."""
     info = run.info
-    row: dict[str, float] = {"step": step}
     batch = encode_batch(run.processor, forget, info.device)
     loss = method.forget_loss(engine, batch, run.ref)
     forget_hook = partial(method.before_step, phase="forget")
-    optimizer_step(engine, loss, f"{method.name} forget step {step}", forget_hook)
-    row["forget_loss"] = _mean_over_ranks(loss, info.world_size)
+    optimizer_step(engine, loss, "forget", forget_hook, check=False)
+    losses = [("forget", loss)]
     scalars = {f"forget_{k}": v for k, v in step_scalars(engine).items()}
-    retain_losses = []
     for examples in retains:
         batch = encode_batch(run.processor, examples, info.device)
         loss = method.retain_loss(engine, batch, run.ref)
         retain_hook = partial(method.before_step, phase="retain")
-        optimizer_step(engine, loss, f"{method.name} retain step {step}", retain_hook)
-        retain_losses.append(_mean_over_ranks(loss, info.world_size))
-    if retain_losses:
-        row["retain_loss"] = sum(retain_losses) / len(retain_losses)
+        optimizer_step(engine, loss, "retain", retain_hook, check=False)
+        losses.append(("retain", loss))
+    means, signalled = sync_iteration(run, method.name, step, losses)
+    row: dict[str, float] = {"step": step, "forget_loss": means[0]}
+    if retains:
+        row["retain_loss"] = sum(means[1:]) / len(retains)
         scalars.update({f"retain_{k}": v for k, v in step_scalars(engine).items()})
-    return row, scalars
+    return row, scalars, signalled
 
 
 def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
@@ -394,7 +415,7 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         tick = time.time()
         forget = method.views(next(f_stream), view_rng)
         retains = [next(r_stream) for _ in range(n_retain)]
-        row, scalars = train_iteration(method, run, engine, step, forget, retains)
+        row, scalars, signalled = train_iteration(method, run, engine, step, forget, retains)
         st.losses.append(row)
         if mask_share is not None:
             scalars["mask_share"] = mask_share
@@ -421,8 +442,10 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
                 + f"; selected step {st.selector.step}"
             )
 
-        # The step boundary: every rank takes the same branch (the flag is all-reduced).
-        signalled = run.preempt.requested(info.device)
+        # The step boundary: every rank takes the same branch (the flag was all-reduced with
+        # the losses; after an evaluation, which takes a while, it is asked for once more).
+        if st.curve and st.curve[-1]["step"] == step:
+            signalled = run.preempt.requested(info.device)
         stop = signalled or step == cfg.checkpoint.stop_at
         every = cfg.checkpoint.every
         if stop or (every > 0 and step % every == 0):

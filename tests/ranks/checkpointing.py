@@ -20,6 +20,7 @@ from dsunlearn.data.examples import vqa_train_examples
 from dsunlearn.engine.batches import balanced_batches
 from dsunlearn.engine.dist import exit_process, init_distributed
 from dsunlearn.engine.engine import build_train_engine
+from dsunlearn.engine.preempt import PreemptionFlag
 from dsunlearn.methods.base import RunContext, build_method
 from dsunlearn.models.loader import enable_activation_checkpointing, load_model_and_processor
 from dsunlearn.recipes.common import deepspeed_config, prepare_benchmark
@@ -65,7 +66,7 @@ def run(method_name: str, checkpointing: bool, vanilla: str, bench, info) -> dic
         vqa_train_examples(bench.retain), optim.batch_size, info.rank, info.world_size, 1
     )
     n_retain = 1 if method.uses_retain else 0
-    fake_run = SimpleNamespace(info=info, processor=processor, ref=None)
+    fake_run = SimpleNamespace(info=info, processor=processor, ref=None, preempt=PreemptionFlag())
     for step in range(1, STEPS + 1):
         retains = [next(r_stream) for _ in range(n_retain)]
         train_iteration(method, fake_run, engine, step, next(f_stream), retains)
