@@ -15,8 +15,9 @@ never renormalised. The token mask removes whole rows from the KL (and from n_kl
 reach h, weight and bias only; the reference model is evaluated under no_grad.
 
 ``dual_masked_kl_ce_reference`` is plain torch (full [N, V] logits) and is the ground truth.
-``dual_masked_kl_ce`` dispatches to the fused Triton path (chunks of rows, one Triton program per
-row, logit gradients computed in forward) or to the reference.
+``dual_masked_kl_ce`` runs chunks of rows through `kernels.chunked_head` (logit gradients computed
+in forward), each chunk by the Triton row kernel (one program per row) or by plain torch; the row
+functions also serve `kernels.linear_kl_ce` (no masks, per-token outputs).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kernels import chunked_head as ch
 from kernels.triton_utils import interpreter_ready, jit_once, tl, triton
+
+__all__ = ["dual_masked_kl_ce", "dual_masked_kl_ce_reference", "fused_backend", "interpreter_ready"]
 
 IGNORE_INDEX = -100
 _REDUCTIONS = ("mean", "sum", "none")
@@ -131,15 +135,14 @@ def dual_masked_kl_ce_from_logits(
 
 
 # --------------------------------------------------------------------------------------------
-# Fused Triton path
+# Chunk rows (shared with `kernels.linear_kl_ce`): torch and Triton
 # --------------------------------------------------------------------------------------------
 
 _MAX_BLOCK_V = 4096  # vocabulary tile of the row kernel (tests lower it to get several tiles)
-_CHUNK_ELEMS = 2**24  # rows per chunk ~ this many fp32 logits per buffer (64 MiB), two buffers
 
 
 def _dmk_ce_row_kernel(
-    z_ptr,  # [rows, V] fp32 trained logits; overwritten with d loss / d z
+    z_ptr,  # [rows, V] fp32 trained logits; overwritten with d loss / d z when WRITE_GRAD
     r_ptr,  # [rows, V] fp32 reference logits
     z_stride,
     r_stride,
@@ -148,10 +151,11 @@ def _dmk_ce_row_kernel(
     drop_ptr,  # [V] int8: 1 for vocabulary ids dropped from the KL
     ce_ptr,  # [rows] fp32 out: per-row CE (0 on ignored rows)
     kl_ptr,  # [rows] fp32 out: per-row masked KL (0 off the KL rows)
-    scale_ptr,  # [2] fp32: gradient weights of a CE row and of a KL row
+    scale_ptr,  # [rows, 2] fp32: gradient weights of the row's CE and KL (read when WRITE_GRAD)
     V,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
@@ -195,20 +199,20 @@ def _dmk_ce_row_kernel(
     tl.store(ce_ptr + row, ce)
     tl.store(kl_ptr + row, kl)
 
-    # Pass 2: dz = a (q - onehot(label)) + b (q S - p [v kept]), written over z.
-    a = tl.where(valid, tl.load(scale_ptr), 0.0)
-    b = tl.where(do_kl, tl.load(scale_ptr + 1), 0.0)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        inb = offs < V
-        z = tl.load(z_row + offs, mask=inb, other=0.0)
-        r = tl.load(r_row + offs, mask=inb, other=0.0)
-        keep = tl.load(drop_ptr + offs, mask=inb, other=1) == 0
-        q = tl.exp(z - lse_z)
-        p = tl.where(keep, tl.exp(r - lse_r), 0.0)
-        onehot = tl.where(offs == label, 1.0, 0.0)
-        dz = a * (q - onehot) + b * (q * kept_mass - p)
-        tl.store(z_row + offs, dz, mask=inb)
+    if WRITE_GRAD:  # Pass 2: dz = a (q - onehot(label)) + b (q S - p [v kept]), written over z.
+        a = tl.where(valid, tl.load(scale_ptr + 2 * row), 0.0)
+        b = tl.where(do_kl, tl.load(scale_ptr + 2 * row + 1), 0.0)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            inb = offs < V
+            z = tl.load(z_row + offs, mask=inb, other=0.0)
+            r = tl.load(r_row + offs, mask=inb, other=0.0)
+            keep = tl.load(drop_ptr + offs, mask=inb, other=1) == 0
+            q = tl.exp(z - lse_z)
+            p = tl.where(keep, tl.exp(r - lse_r), 0.0)
+            onehot = tl.where(offs == label, 1.0, 0.0)
+            dz = a * (q - onehot) + b * (q * kept_mass - p)
+            tl.store(z_row + offs, dz, mask=inb)
 
 
 def _row_kernel():
@@ -216,110 +220,65 @@ def _row_kernel():
     return jit_once(_dmk_ce_row_kernel)
 
 
-def _default_chunk(n: int, vocab: int) -> int:
-    return max(1, min(n, _CHUNK_ELEMS // max(1, vocab)))
+def _triton_rows(drop: torch.Tensor) -> ch.RowFn:
+    def rows_fn(z, r, rows, coefs):
+        labels, kl_rows = rows
+        c, vocab = z.shape
+        out = torch.empty(2, c, dtype=torch.float32, device=z.device)
+        scales = out if coefs is None else coefs.contiguous()  # unread without WRITE_GRAD
+        _row_kernel()[(c,)](
+            z, r, z.stride(0), r.stride(0), labels.contiguous(), kl_rows.contiguous(), drop,
+            out[0], out[1], scales, vocab, IGNORE_INDEX,
+            BLOCK_V=min(triton.next_power_of_2(vocab), _MAX_BLOCK_V), WRITE_GRAD=coefs is not None,
+        )  # fmt: skip
+        return out.t()
+
+    return rows_fn
 
 
-class _DualMaskedKLCEFunction(torch.autograd.Function):
-    """Chunked forward that also computes d loss / d (h, weight, bias); backward only rescales.
+def _torch_rows(drop: torch.Tensor) -> ch.RowFn:
+    keep = drop == 0
 
-    Only reduction "mean" and "sum" (a scalar loss, so the gradients can be computed before the
-    incoming grad is known); the dispatcher sends "none" to the reference.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        h,
-        weight,
-        bias,
-        ref_h,
-        ref_weight,
-        ref_bias,
-        labels,
-        token_mask,
-        drop_ids,
-        alpha,
-        beta,
-        reduction,
-        chunk_size,
-    ):
-        n, hid = h.shape
-        vocab = weight.shape[0]
-        dev = h.device
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-
-        labels = labels.to(device=dev, dtype=torch.long).contiguous()
+    def rows_fn(z, r, rows, coefs):
+        labels, kl_rows = rows
         valid = labels != IGNORE_INDEX
-        kl_rows = valid & ~token_mask.to(device=dev, dtype=torch.bool)
-        kl_rows_i8 = kl_rows.to(torch.int8).contiguous()
-        drop = torch.zeros(vocab, dtype=torch.int8, device=dev)
-        drop[_as_drop_ids(drop_ids, dev)] = 1
-        n_ce = valid.sum().clamp(min=1).float()
-        n_kl = kl_rows.sum().clamp(min=1).float()
-        if reduction == "mean":
-            scales = torch.stack([alpha / n_ce, beta / n_kl]).float()
-        else:
-            scales = torch.tensor([alpha, beta], dtype=torch.float32, device=dev)
+        do_kl = kl_rows != 0
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        lse_z = torch.logsumexp(z, dim=1, keepdim=True)
+        ce = lse_z.squeeze(1) - z.gather(1, safe[:, None]).squeeze(1)
+        log_q = z.sub_(lse_z)  # in place: z is ours and dies with the chunk
+        log_p = r.sub_(torch.logsumexp(r, dim=1, keepdim=True))
+        p = log_p.exp().mul_(keep)  # dropped ids zeroed in p, and so in every KL term
+        kl = (p * (log_p - log_q)).sum(dim=1)
+        zero = torch.zeros_like(ce)
+        stats = torch.stack([torch.where(valid, ce, zero), torch.where(do_kl, kl, zero)], dim=1)
+        if coefs is not None:  # dz = a (q - onehot) + b (q S - p), S = sum of kept p
+            a = torch.where(valid, coefs[:, 0], zero)[:, None]
+            b = torch.where(do_kl, coefs[:, 1], zero)[:, None]
+            kept = p.sum(dim=1, keepdim=True)
+            dz = log_q.exp_().mul_(a + b * kept).sub_(p.mul_(b))
+            dz.scatter_add_(1, safe[:, None], -a)
+        return stats
 
-        ce = torch.empty(n, dtype=torch.float32, device=dev)
-        kl = torch.empty(n, dtype=torch.float32, device=dev)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(vocab, hid, dtype=torch.float32, device=dev) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
+    return rows_fn
 
-        chunk = int(chunk_size) if chunk_size else _default_chunk(n, vocab)
-        block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
-        kernel = _row_kernel()
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            h_c = h[s:e]
-            z = F.linear(h_c, weight, bias).float().contiguous()
-            r = F.linear(ref_h[s:e], ref_weight, ref_bias).float().contiguous()
-            kernel[(e - s,)](
-                z,
-                r,
-                z.stride(0),
-                r.stride(0),
-                labels[s:e],
-                kl_rows_i8[s:e],
-                drop,
-                ce[s:e],
-                kl[s:e],
-                scales,
-                vocab,
-                IGNORE_INDEX,
-                BLOCK_V=block_v,
-            )
-            del r
-            # z now holds d loss / d z (fp32). grad_h rows are written once, so one matmul in the
-            # input dtype suffices; grad_weight sums partials over chunks, which cancel: bf16
-            # partials lose too much there, so that matmul runs in fp32.
-            if need_h:
-                grad_h[s:e] = z.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(z.t(), h_c.float())
-            if need_b:
-                grad_b += z.sum(0)
 
-        if reduction == "mean":
-            loss = alpha * ce.sum() / n_ce + beta * kl.sum() / n_kl
-        else:
-            loss = alpha * ce.sum() + beta * kl.sum()
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        h_dt, w_dt, b_dt = ctx.dtypes
-        g = grad_out.float()
-        out_h = None if grad_h is None else (grad_h.float() * g).to(h_dt)
-        out_w = None if grad_w is None else (grad_w * g).to(w_dt)
-        out_b = None if grad_b is None else (grad_b * g).to(b_dt)
-        return (out_h, out_w, out_b) + (None,) * 10
+def kl_ce_op(
+    backend: str,
+    ref: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    labels: torch.Tensor,
+    kl_rows: torch.Tensor,
+    drop_ids: torch.Tensor | Sequence[int] | None,
+    vocab: int,
+    chunk_size: int | None,
+) -> ch.HeadOp:
+    """The chunked op whose stats are (CE, masked KL) per row and whose coefs are (a, b)."""
+    dev = labels.device
+    drop = torch.zeros(vocab, dtype=torch.int8, device=dev)
+    drop[_as_drop_ids(drop_ids, dev)] = 1
+    rows_fn = (_triton_rows if backend == "triton" else _torch_rows)(drop)
+    rows = (labels.to(torch.long).contiguous(), kl_rows.to(torch.int8).contiguous())
+    return ch.HeadOp(rows_fn, 2, 2, rows, ref=ref, chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,16 +286,10 @@ class _DualMaskedKLCEFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _triton_usable(h: torch.Tensor) -> bool:
-    if h.is_cuda:
-        return triton is not None
-    return interpreter_ready()
-
-
 def fused_backend(h: torch.Tensor) -> str:
-    """Which implementation `dual_masked_kl_ce(use_triton=None)` runs for inputs like `h`:
-    "triton" (compiled on CUDA, interpreted on CPU) or "torch" (the reference)."""
-    return "triton" if _triton_usable(h) else "torch"
+    """Which implementation `dual_masked_kl_ce()` runs for inputs like `h` by default:
+    "triton" (compiled on CUDA, interpreted on CPU) or "torch" (the chunked torch path)."""
+    return ch.resolve_backend(h, None)
 
 
 def dual_masked_kl_ce(
@@ -354,31 +307,39 @@ def dual_masked_kl_ce(
     reduction: str = "mean",
     chunk_size: int | None = None,
     use_triton: bool | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """alpha*CE + beta*DMK; fused Triton path when possible, else the reference.
+    """alpha*CE + beta*DMK, chunk by chunk over rows (`kernels.chunked_head`).
 
-    use_triton=None picks Triton when it is importable and the tensors are on CUDA, or when
-    TRITON_INTERPRET=1 was set before triton was imported (CPU interpreter; see
-    ``interpreter_ready``); True/False forces the choice.
+    backend: "triton" (row kernel: compiled on CUDA, or on CPU when TRITON_INTERPRET=1 was set
+    before triton was imported, see ``interpreter_ready``), "torch" (the same chunks in plain
+    torch: CPU, GPUs without Triton) or "eager" (the full-logits reference). None picks Triton
+    where it runs, else torch; `use_triton` True/False is the older spelling of triton/torch.
 
-    reduction="none" always uses the reference: the fused path computes the gradients in forward,
-    which needs the scalar incoming grad of "mean"/"sum" to be applied afterwards.
-    chunk_size: rows per chunk of the fused path (default keeps each fp32 [chunk, V] buffer
-    near 64 MiB); peak extra memory is two such buffers plus fp32 grad_weight/grad_bias.
+    "mean"/"sum" compute the gradients in forward (the per-row weights alpha/n_ce, beta/n_kl are
+    known); "none" returns per-row losses whose backward re-makes the logits.
+    chunk_size: rows per chunk (default keeps each fp32 [chunk, V] buffer near 64 MiB); peak
+    extra memory is a few such buffers plus fp32 grad_weight/grad_bias.
     """
+    if backend is None and use_triton is not None:
+        backend = "triton" if use_triton else "torch"
+    backend = ch.resolve_backend(h, backend)
     args = (h, weight, ref_h, ref_weight, labels, token_mask, drop_ids)
     kwargs = dict(alpha=alpha, beta=beta, bias=bias, ref_bias=ref_bias, reduction=reduction)
-    if use_triton is None:
-        use_triton = _triton_usable(h)
-    if not use_triton or reduction == "none":
+    if backend == "eager":
         return dual_masked_kl_ce_reference(*args, **kwargs)
-    if triton is None:
-        raise RuntimeError("use_triton=True but triton is not importable")
     _check(h, weight, ref_h, ref_weight, labels, token_mask, reduction)
-    with torch.no_grad():  # the reference model is frozen: detach its side up front
-        ref_h, ref_weight = ref_h.detach(), ref_weight.detach()
-        ref_bias = None if ref_bias is None else ref_bias.detach()
-    return _DualMaskedKLCEFunction.apply(
-        h, weight, bias, ref_h, ref_weight, ref_bias, labels, token_mask, drop_ids,
-        float(alpha), float(beta), reduction, chunk_size,
-    )  # fmt: skip
+    dev = h.device
+    labels = labels.to(device=dev, dtype=torch.long)
+    valid = labels != IGNORE_INDEX
+    kl_rows = valid & ~token_mask.to(device=dev, dtype=torch.bool)
+    ref = (ref_h, ref_weight, ref_bias)
+    op = kl_ce_op(backend, ref, labels, kl_rows, drop_ids, weight.shape[0], chunk_size)
+    if reduction == "none":
+        diff, _ = ch.per_row(op, h, weight, bias)
+        return alpha * diff[:, 0] + beta * diff[:, 1]
+    coefs = torch.tensor([[alpha, beta]], dtype=torch.float32, device=dev).expand(len(labels), 2)
+    if reduction == "mean":  # a row's share of each mean: alpha / n_ce, beta / n_kl
+        counts = torch.stack([valid.sum(), kl_rows.sum()]).clamp(min=1)
+        coefs = coefs / counts
+    return ch.weighted(op, h, weight, bias, coefs)[0]

@@ -273,30 +273,37 @@ def test_fused_reduction_none_falls_back_to_reference(dev):
 
 @needs_interp
 def test_fused_dispatcher_picks_triton_under_interpret(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("reference used")
+    def fail(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"{name} used")
+
+        return raiser
 
     inp = make_inputs(3, 11, 4, 4)
-    monkeypatch.setattr(dmk, "dual_masked_kl_ce_reference", fail)
-    dual_masked_kl_ce(**inp)  # TRITON_INTERPRET=1 and triton importable: fused path
+    monkeypatch.setattr(dmk, "dual_masked_kl_ce_reference", fail("reference"))
+    monkeypatch.setattr(dmk, "_torch_rows", fail("torch rows"))
+    dual_masked_kl_ce(**inp)  # TRITON_INTERPRET=1 and triton importable: Triton rows
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(AssertionError, match="reference used"):
-        dual_masked_kl_ce(**inp)  # CPU tensors without the interpreter: reference
-    with pytest.raises(AssertionError, match="reference used"):
+    assert dmk.fused_backend(inp["h"]) == "torch"
+    with pytest.raises(AssertionError, match="torch rows used"):
+        dual_masked_kl_ce(**inp)  # CPU tensors without the interpreter: chunked torch
+    with pytest.raises(AssertionError, match="torch rows used"):
         dual_masked_kl_ce(**inp, use_triton=False)
+    with pytest.raises(AssertionError, match="reference used"):
+        dual_masked_kl_ce(**inp, backend="eager")
 
 
 @needs_cuda
 def test_fused_dispatcher_picks_triton_on_cuda(monkeypatch):
     def fail(*args, **kwargs):
-        raise AssertionError("reference used")
+        raise AssertionError("torch rows used")
 
     inp = make_inputs(3, 11, 4, 4, device="cuda")
     assert dmk.fused_backend(inp["h"]) == "triton"
-    monkeypatch.setattr(dmk, "dual_masked_kl_ce_reference", fail)
-    dual_masked_kl_ce(**inp)  # CUDA tensors, compiled triton: fused path
-    with pytest.raises(AssertionError, match="reference used"):
-        dual_masked_kl_ce(**inp, use_triton=False)
+    monkeypatch.setattr(dmk, "_torch_rows", fail)
+    dual_masked_kl_ce(**inp)  # CUDA tensors, compiled triton: Triton rows
+    with pytest.raises(AssertionError, match="torch rows used"):
+        dual_masked_kl_ce(**inp, use_triton=False)  # the chunked torch path
 
 
 @pytest.mark.skipif(dmk.triton is None or dmk.interpreter_ready(), reason="needs compiled triton")
@@ -312,8 +319,9 @@ def test_kernel_compiles_for_sm90_without_gpu(block, tmp_path, monkeypatch):
     sig = {"z_ptr": "*fp32", "r_ptr": "*fp32", "z_stride": "i32", "r_stride": "i32"}
     sig |= {"labels_ptr": "*i64", "kl_row_ptr": "*i8", "drop_ptr": "*i8", "ce_ptr": "*fp32"}
     sig |= {"kl_ptr": "*fp32", "scale_ptr": "*fp32", "V": "i32", "ignore_index": "i32"}
-    sig |= {"BLOCK_V": "constexpr"}
-    src = ASTSource(fn=dmk._row_kernel(), signature=sig, constexprs={"BLOCK_V": block})
+    sig |= {"BLOCK_V": "constexpr", "WRITE_GRAD": "constexpr"}
+    consts = {"BLOCK_V": block, "WRITE_GRAD": True}
+    src = ASTSource(fn=dmk._row_kernel(), signature=sig, constexprs=consts)
     try:
         out = dmk.triton.compile(src, target=GPUTarget("cuda", 90, 32))
     except CompilationError:
