@@ -1,4 +1,4 @@
-"""`dsunlearn` command line: data build, learn, unlearn, eval, sweep, demo.
+"""`dsunlearn` command line: data build, learn, unlearn, eval, sweep, plan, demo.
 
 Input problems end with one line on stderr (`dsunlearn: error: ...`) and a non-zero exit.
 """
@@ -202,6 +202,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.add_argument("overrides", nargs="*", metavar="key=value")
 
+    pl = sub.add_parser(
+        "plan",
+        help="per-rank GPU and host memory of an unlearn config on a cluster, and a verdict",
+        description="Estimate, from docs/scaling.md's formulas and the exact shape of the "
+        "config's model (published configs, built-in tiny models or a local folder's "
+        "config.json; nothing is downloaded), each rank's memory by category, with and without "
+        "activation checkpointing and offload, and say whether the run fits, needs offload, "
+        "needs more nodes or should use LoRA.",
+    )
+    pl.add_argument("--config", required=True, help="YAML UnlearnConfig (what unlearn takes)")
+    pl.add_argument("--nodes", type=int, required=True)
+    pl.add_argument("--gpus-per-node", type=int, required=True)
+    pl.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="per GPU")
+    pl.add_argument("--host-mem", type=float, required=True, metavar="GIB", help="per node")
+    pl.add_argument(
+        "--text-tokens", type=int, default=256, help="text tokens per example (default 256)"
+    )
+    pl.add_argument(
+        "--logits-chunk",
+        type=int,
+        default=-1,
+        metavar="ROWS",
+        help="rows per chunk of the fused lm_head + loss ops (default: the kernels' own, "
+        "2^24 / vocabulary rows; 0: whole logits)",
+    )
+    pl.add_argument("overrides", nargs="*", metavar="key=value")
+
     demo = sub.add_parser("demo", help="end-to-end demo on the built-in benchmark")
     demo.add_argument("--config", help="YAML UnlearnConfig (default configs/demo.yaml)")
     demo.add_argument("--ranks", type=int, default=2, help="ZeRO-3 ranks (default 2)")
@@ -307,6 +334,12 @@ def run(args: argparse.Namespace) -> None:
             stale_after_s=args.stale_after,
         )
         print(f"sweep: {path}")
+    elif args.command == "plan":
+        from dsunlearn.plan import Cluster, make_plan, render
+
+        cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem)
+        cfg = load_config(UnlearnConfig, args.config, args.overrides)
+        print(render(make_plan(cfg, cluster, args.text_tokens, args.logits_chunk)))
     elif args.command == "demo":
         from dsunlearn.recipes.demo import run_demo
 

@@ -297,12 +297,31 @@ def _part_of(model: torch.nn.Module, config: PretrainedConfig) -> Callable[[str,
 def tensor_numels(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter tensor's element count, per part (PARTS), from a meta instantiation.
     Tied weights are counted once, as `named_parameters` lists them."""
-    model = meta_model(config)
+    return _numels(meta_model(config), config)
+
+
+def _numels(model: torch.nn.Module, config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     part = _part_of(model, config)
     out: dict[str, list[int]] = {p: [] for p in PARTS}
     for name, param in model.named_parameters():
         out[part(name, param)].append(param.numel())
     return {p: tuple(v) for p, v in out.items()}
+
+
+def _language_linears(
+    model: torch.nn.Module, config: PretrainedConfig
+) -> tuple[tuple[int, int], ...]:
+    """(in, out) features of every language block Linear: what LoRA adapts by default."""
+    family = family_of_config(config)
+    head = model.get_output_embeddings()
+    return tuple(
+        (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and m is not head
+        and family.is_block_module(name)
+        and family.part(name + ".weight") == "language"
+    )
 
 
 def param_counts(config: PretrainedConfig) -> dict[str, int]:
@@ -398,6 +417,7 @@ class ModelShape:
     vision_hidden: int
     vision_layers: int
     image: ImageTokens
+    language_linears: tuple[tuple[int, int], ...]  # (in, out) of the language block Linears
 
     @property
     def counts(self) -> dict[str, int]:
@@ -424,11 +444,12 @@ def shape_of_config(name: str, source: str, config: PretrainedConfig, side: int,
     """The `ModelShape` of a config (meta instantiation for the counts)."""
     t = config.text_config
     v_width, v_depth = _vision_dims(config)
+    model = meta_model(config)
     return ModelShape(
         name=name,
         source=source,
         family=family_of_config(config).name,
-        numels=tensor_numels(config),
+        numels=_numels(model, config),
         hidden=int(t.hidden_size),
         layers=int(t.num_hidden_layers),
         heads=int(t.num_attention_heads),
@@ -438,6 +459,7 @@ def shape_of_config(name: str, source: str, config: PretrainedConfig, side: int,
         vision_hidden=v_width,
         vision_layers=v_depth,
         image=image_tokens(config, side, tiles),
+        language_linears=_language_linears(model, config),
     )
 
 
