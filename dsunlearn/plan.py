@@ -89,7 +89,7 @@ class Workload:
     images: int  # pictures per example
     chunk_rows: int  # rows per logits chunk; 0: whole logits; -1: the kernels' default
     reference_forward: bool
-    saliency: bool  # MMUnlearner's saliency pass runs in this run (no mmu_mask_dir)
+    saliency: bool = False  # MMUnlearner's saliency pass runs in this run (no mmu_mask_dir)
     saliency_batch: int = 0  # examples per micro-batch of that pass (per rank)
     topk_selected: int = 0  # mask.mode=topk: elements its bisection copies to int64
     mask: bool = False

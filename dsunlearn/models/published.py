@@ -16,6 +16,7 @@ name, a built-in tiny name or a local HF folder, and never downloads.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -475,6 +476,16 @@ def _folder_tiles(folder: Path) -> int:
         return 0
 
 
+@functools.lru_cache(maxsize=32)
+def _published_shape(name: str, side: int) -> ModelShape:
+    """Published shapes never change: each is instantiated on `meta` once per process."""
+    spec = published(name)
+    assert spec is not None
+    return shape_of_config(
+        name, f"published {spec.hub_id}", spec.build(None, None), side, spec.tiles
+    )
+
+
 def model_shape(name: str, picture_side: int | None = None) -> ModelShape:
     """The shape of the model a config names: a published model (short name or hub id), a
     built-in tiny name or a local HF folder (its config.json). Anything else is one line: no
@@ -482,10 +493,7 @@ def model_shape(name: str, picture_side: int | None = None) -> ModelShape:
     models, the tiny models' 32 px)."""
     spec = published(name)
     if spec is not None:
-        side = picture_side or PICTURE_SIDE
-        return shape_of_config(
-            name, f"published {spec.hub_id}", spec.build(None, None), side, spec.tiles
-        )
+        return _published_shape(name, picture_side or PICTURE_SIDE)
     from dsunlearn.models.tiny import (
         IMAGE_SIZE,
         TINY_MODELS,
