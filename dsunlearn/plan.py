@@ -30,7 +30,7 @@ from typing import Any
 
 from dsunlearn.config import UnlearnConfig
 from dsunlearn.errors import ConfigError
-from dsunlearn.models.published import ModelShape, model_shape
+from dsunlearn.models.published import PARTS, ModelShape, model_shape
 
 GIB = 2**30
 ADAM_BYTES = 12  # fp32 master + Adam m + v
@@ -96,6 +96,17 @@ class Workload:
     head_trainable: bool = True  # the output head trains (not under LoRA): its fp32 gradient
     snapshot: bool = False  # in-run selection keeps an fp32 host copy of the trained partition
     ds: dict[str, float] = field(default_factory=lambda: dict(DS_DEFAULTS))
+
+
+def fixed_elements(wl: Workload) -> float:
+    """Elements of DeepSpeed's fixed buffers F (scaling.md section 2): the reduce bucket, which
+    is allocated whole, plus the gathered parameters and the prefetch bucket, which are caps and
+    cannot exceed the model (nor fall below its largest tensor, gathered whole)."""
+    numels = wl.trainable + wl.frozen
+    total, largest = sum(numels), max(numels)
+    live = max(min(wl.ds["stage3_max_live_parameters"], total), largest)
+    prefetch = min(wl.ds["stage3_prefetch_bucket_size"], total)
+    return wl.ds["reduce_bucket_size"] + live + prefetch
 
 
 def padded(numels: list[int], world: int) -> int:
@@ -182,12 +193,7 @@ def plan_categories(
         "optimizer": ADAM_BYTES * psi_t,
         "persistent": 2 * persistent,  # trained model and reference
         "reference": p * psi_w,
-        "fixed": p
-        * (
-            wl.ds["reduce_bucket_size"]
-            + max(wl.ds["stage3_max_live_parameters"], max(wl.trainable + wl.frozen))
-            + wl.ds["stage3_prefetch_bucket_size"]
-        ),
+        "fixed": p * fixed_elements(wl),
         **activation_bytes(wl, per_rank, checkpointing),
         "logits": logits_bytes(wl, per_rank),
         "saliency": 0.0,
@@ -435,6 +441,13 @@ ROWS = (
 )
 
 
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{3 if unit == 'B' else 1}f}{unit}"
+    return str(int(n))
+
+
 def _chunk_text(plan: Plan) -> str:
     if plan.chunk_rows == 0:
         return "none (whole logits)"
@@ -447,11 +460,10 @@ def render(plan: Plan) -> str:
     c, sh = plan.cluster, plan.shape
     w = c.world
     counts = sh.counts
+    parts = ", ".join(f"{k} {_count(counts[k])}" for k in PARTS)
     lines = [
-        f"model {sh.name} ({sh.source}, {sh.family}): {counts['total'] / 1e9:.3f}B parameters "
-        f"(vision {counts['vision'] / 1e6:.0f}M, projector {counts['projector'] / 1e6:.0f}M, "
-        f"language {counts['language'] / 1e6:.0f}M, embeddings {counts['embeddings'] / 1e6:.0f}M,"
-        f" lm_head {counts['lm_head'] / 1e6:.0f}M)",
+        f"model {sh.name} ({sh.source}, {sh.family}): {_count(counts['total'])} parameters "
+        f"({parts})",
         f"image: {sh.image.text} decoder tokens, {sh.image.vision} vision-tower tokens per picture "
         f"({sh.image.note}); + {plan.text_tokens} text tokens per example",
         f"cluster: {c.nodes} node(s) x {c.gpus_per_node} GPUs = W {w}, {c.gpu_mem_gib:g} GiB per "

@@ -14,6 +14,7 @@ import pytest
 
 from dsunlearn.cli import main
 from dsunlearn.config import UnlearnConfig, load_config
+from dsunlearn.errors import ModelError
 from dsunlearn.models.published import (
     PUBLISHED,
     ImageTokens,
@@ -31,6 +32,7 @@ from dsunlearn.plan import (
     Workload,
     make_plan,
     plan_categories,
+    plan_dict,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +98,19 @@ def test_cut_depth_keeps_every_width():
     assert counts["embeddings"] == full_counts["embeddings"]
     per_layer = (full_counts["language"] - counts["language"]) / (28 - 2)
     assert per_layer == int(per_layer)  # the decoder shrank by whole layers
+
+
+def test_model_shape_of_a_local_folder(tmp_path):
+    """A saved config.json is read (no download); its counts are the meta instantiation's."""
+    cut = cut_depth("llava-1.5-7b", 2, 2)
+    cut.save_pretrained(tmp_path / "llava")
+    shape = model_shape(str(tmp_path / "llava"))
+    assert shape.counts == param_counts(cut) and shape.layers == 2 and shape.image.text == 576
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="has no config.json"):
+        model_shape(str(tmp_path / "empty"))
+    with pytest.raises(ModelError, match="never downloads"):
+        model_shape("nobody/unknown-vlm")
 
 
 def _hand_shape(psi_tensors: tuple[int, ...]) -> ModelShape:
@@ -207,6 +222,9 @@ def test_every_experiment_fits_one_node(capsys):
         plan = make_plan(load_config(UnlearnConfig, path, []), cluster)
         verdict, advice = plan.verdict()
         assert verdict == "fits" and not advice, (path, verdict, advice)
+    table = plan_dict(plan)  # the last one: every method x checkpointing x offload, in GiB
+    assert table["verdict"] == "fits" and set(table["methods"]) == set(plan.cfg.methods)
+    assert len(next(iter(table["methods"].values()))) == 6
     main(["plan", "--config", str(EXPERIMENTS[-1]), "--nodes", "1", "--gpus-per-node", "8",
           "--gpu-mem", "80", "--host-mem", "1000"])  # fmt: skip
     out = capsys.readouterr().out
