@@ -20,6 +20,7 @@ from dsunlearn.models.published import (
     ImageTokens,
     ModelShape,
     cut_depth,
+    cut_shape,
     model_shape,
     param_counts,
     published_config,
@@ -98,6 +99,8 @@ def test_cut_depth_keeps_every_width():
     assert counts["embeddings"] == full_counts["embeddings"]
     per_layer = (full_counts["language"] - counts["language"]) / (28 - 2)
     assert per_layer == int(per_layer)  # the decoder shrank by whole layers
+    shape = cut_shape("qwen2-vl-7b", 2, 3)
+    assert shape.counts == counts and (shape.layers, shape.vision_layers) == (2, 3)
 
 
 def test_model_shape_of_a_local_folder(tmp_path):

@@ -464,6 +464,18 @@ def shape_of_config(name: str, source: str, config: PretrainedConfig, side: int,
     )
 
 
+def cut_shape(
+    name: str, text_layers: int, vision_layers: int, picture_side: int | None = None
+) -> ModelShape:
+    """The `ModelShape` of a published model cut to N decoder and M vision layers (the
+    real-shape CPU runs), to set `dsunlearn.plan`'s figures beside their measured bytes."""
+    spec = published(name)
+    config = cut_depth(name, text_layers, vision_layers)
+    source = f"published {spec.hub_id if spec else name}, {text_layers}+{vision_layers} layers"
+    side = picture_side or PICTURE_SIDE
+    return shape_of_config(name, source, config, side, spec.tiles if spec else 0)
+
+
 def _folder_tiles(folder: Path) -> int:
     """Idefics3's tile grid from a saved processor (size.longest_edge / max_image_size)."""
     pre = folder / "preprocessor_config.json"
