@@ -15,16 +15,15 @@ import torch
 
 from dsunlearn.audit.context import AuditContext, Source
 from dsunlearn.eval.mia import (
-    answer_token_logprobs,
     auc,
     loss_score,
     min_k_percent,
     min_k_plus_plus,
-    token_logprob_moments,
     tpr_at_fpr,
     zlib_score,
 )
 from dsunlearn.eval.scoring import map_answer_rows
+from dsunlearn.models.lm_head import TeacherForced
 
 STATISTICS = ("loss", "zlib", "mink", "minkpp")
 
@@ -35,9 +34,9 @@ def item_scores(
     """Every statistic of every item (higher = more likely a member), in item order."""
     k = ctx.cfg.mia_k
 
-    def fn(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) -> list[list[float]]:
-        lp, mask = answer_token_logprobs(logits, labels)
-        mu, sigma = token_logprob_moments(logits, labels)
+    def fn(tf: TeacherForced, rows: list[int]) -> list[list[float]]:
+        mu, sigma = tf.token_moments()  # first: one sweep gives the log-probs too
+        lp, mask = tf.token_logprobs()
         lp, mask, mu, sigma = lp.cpu(), mask.cpu(), mu.cpu(), sigma.cpu()
         texts = [items[i].answer for i in rows]
         columns = (

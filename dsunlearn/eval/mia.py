@@ -10,6 +10,10 @@ answer. Seen text has few very unlikely tokens, so a higher score means "more li
 
 The rest of the suite (papers README, "Membership inference"): LOSS, zlib, Min-K%++ scores and
 TPR at a fixed FPR. Every score follows the same sign convention: higher = more likely a member.
+
+The scorers get the per-token log-probabilities and moments from the fused head op
+(`models.lm_head.TeacherForced`, `kernels.linear_logprob`); `answer_token_logprobs` and
+`token_logprob_moments` below compute the same from full logits (the op's eager reference).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from dsunlearn.models.encode import IGNORE_INDEX
+from kernels.linear_logprob import TokenStats, logprob_from_logits
 
 
 def answer_token_logprobs(
@@ -32,16 +37,25 @@ def answer_token_logprobs(
 
     Only labelled positions are upcast and normalised, as in `encode._token_nll`.
     """
+    st, mask = _labelled_stats(logits, labels, moments=False)
+    return _grid(st.logprob, mask), mask
+
+
+def _labelled_stats(
+    logits: torch.Tensor, labels: torch.Tensor, moments: bool
+) -> tuple[TokenStats, torch.Tensor]:
+    """`kernels.linear_logprob.logprob_from_logits` of the labelled positions, and their mask."""
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:].to(logits.device)
     mask = shift_labels != IGNORE_INDEX
-    picked = shift_logits[mask].float()
-    lp = torch.log_softmax(picked, dim=-1).gather(-1, shift_labels[mask].unsqueeze(-1))
-    out = torch.zeros(shift_labels.shape, dtype=torch.float32, device=logits.device)
-    out[mask] = lp.squeeze(-1)
-    return out, mask
+    return logprob_from_logits(logits[:, :-1, :][mask], shift_labels[mask], moments), mask
+
+
+def _grid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    out[mask] = values
+    return out
 
 
 def min_k_percent(
@@ -222,23 +236,8 @@ def token_logprob_moments(
     and sigma is exactly 0 (the uncentred form leaves rounding noise of ~1e-7 |mu| in both).
     Tokens with p = 0 (logit -inf) add nothing.
     """
-    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    shift_labels = labels[:, 1:].to(logits.device)
-    mask = shift_labels != IGNORE_INDEX
-    lp = torch.log_softmax(logits[:, :-1, :][mask].float(), dim=-1)  # [M, V]
-    top = lp.max(dim=-1, keepdim=True).values
-    d = lp - top
-    p = lp.exp()
-    live = p > 0  # 0 * (-inf) would be nan
-    zero = torch.zeros_like(d)
-    m1 = torch.where(live, p * d, zero).sum(dim=-1, keepdim=True)
-    var = torch.where(live, p * (d - m1).square(), zero).sum(dim=-1)
-    mu = torch.zeros(shift_labels.shape, dtype=torch.float32, device=logits.device)
-    sigma = torch.zeros_like(mu)
-    mu[mask] = (top + m1).squeeze(-1)
-    sigma[mask] = var.sqrt()
-    return mu, sigma
+    st, mask = _labelled_stats(logits, labels, moments=True)
+    return _grid(st.mu, mask), _grid(st.sigma, mask)
 
 
 SIGMA_EPS = 1e-6

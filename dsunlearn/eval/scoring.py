@@ -4,7 +4,8 @@ One primitive, `sharded_map`, serves every scoring loop: items are split over ra
 runs the same number of batches (short ranks repeat item 0 and drop the result), because under
 ZeRO-3 each forward gathers parameters collectively; the per-item values are then gathered to
 every rank in item order. Option scores, greedy answers and teacher-forced answer scores are
-`sharded_map` with a different per-batch function.
+`sharded_map` with a different per-batch function. Teacher-forced scores take the answer rows'
+hidden states and the gathered head (`models.lm_head.teacher_forced`): no [B, T, V] logits.
 """
 
 from __future__ import annotations
@@ -17,14 +18,8 @@ import torch
 
 from dsunlearn.engine.batches import shard_for_rank, to_device
 from dsunlearn.engine.dist import DistInfo
-from dsunlearn.models.encode import (
-    IGNORE_INDEX,
-    encode_for_generation,
-    encode_for_loss,
-    logits_of,
-    sequence_logprob_sum,
-    sequence_nll,
-)
+from dsunlearn.models.encode import encode_for_generation, encode_for_loss
+from dsunlearn.models.lm_head import TeacherForced, teacher_forced
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -85,8 +80,10 @@ def option_scores(
                 ims.append(it.image)
                 opts.append(opt)
         enc = to_device(encode_for_loss(processor, qs, ims, opts), info.device)
-        scores = -sequence_nll(logits_of(model, enc), enc["labels"]).cpu()
-        return [chunk.tolist() for chunk in torch.split(scores, counts)]
+        with teacher_forced(model, enc) as tf:
+            rows = tf.rows
+            mean_lp = rows.per_example_sum(tf.stats().logprob) / rows.counts().clamp(min=1)
+        return [chunk.tolist() for chunk in torch.split(mean_lp.cpu(), counts)]
 
     return sharded_map(items, per_rank_batch, info, fn)
 
@@ -145,10 +142,11 @@ def map_answer_rows(
     answers: Sequence[str],
     per_rank_batch: int,
     info: DistInfo,
-    fn: Callable[[torch.Tensor, torch.Tensor, list[int]], list[Any]],
+    fn: Callable[[TeacherForced, list[int]], list[Any]],
 ) -> list[Any]:
-    """`fn(logits, labels, rows)` -> one value per row, for every (item's question + image,
-    `answers[i]`) teacher-forced (`rows`: each row's item index); gathered in item order."""
+    """`fn(scored, rows)` -> one value per row, for every (item's question + image,
+    `answers[i]`) teacher-forced (`scored`: the batch's answer rows with the head gathered,
+    `models.lm_head.TeacherForced`; `rows`: each row's item index); gathered in item order."""
     if len(items) != len(answers):
         raise ValueError(f"{len(items)} items for {len(answers)} answers")
 
@@ -160,7 +158,8 @@ def map_answer_rows(
             [answers[i] for i in rows],
         )
         enc = to_device(enc, info.device)
-        return fn(logits_of(model, enc), enc["labels"], rows)
+        with teacher_forced(model, enc) as tf:
+            return fn(tf, rows)
 
     return sharded_map(items, per_rank_batch, info, batch_fn)
 
@@ -184,18 +183,18 @@ def answer_nll(
     if skip_ids is not None and len(skip_ids) != len(items):
         raise ValueError("items, answers and skip_ids must have the same length")
 
-    def fn(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) -> list[tuple[float, int]]:
+    def fn(tf: TeacherForced, rows: list[int]) -> list[tuple[float, int]]:
+        lp = tf.stats().logprob
+        labels, example = tf.rows.labels.to(lp.device), tf.rows.example.to(lp.device)
+        keep = torch.ones_like(lp, dtype=torch.bool)
         if skip_ids is not None:
-            labels = labels.clone()
             for r, i in enumerate(rows):
                 if skip_ids[i]:
-                    drop = torch.isin(
-                        labels[r], torch.tensor(list(skip_ids[i]), device=labels.device)
-                    )
-                    labels[r, drop] = IGNORE_INDEX
-        nll = (-sequence_logprob_sum(logits, labels)).cpu().to(torch.float64).tolist()
-        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
-        return list(zip(nll, counts, strict=True))
+                    skip = torch.tensor(list(skip_ids[i]), device=lp.device)
+                    keep &= ~((example == r) & torch.isin(labels, skip))
+        nll = -tf.rows.per_example_sum(torch.where(keep, lp, torch.zeros_like(lp)))
+        counts = tf.rows.per_example_sum(keep.float()).long()
+        return list(zip(nll.cpu().to(torch.float64).tolist(), counts.tolist(), strict=True))
 
     per_row = map_answer_rows(model, processor, items, answers, per_rank_batch, info, fn)
     return float(sum(n for n, _ in per_row)), float(sum(c for _, c in per_row))

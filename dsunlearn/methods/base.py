@@ -1,7 +1,9 @@
 """The interface every unlearning method implements, and the shared loss pieces.
 
 A method turns a forget batch (and, if it wants them, a retain batch and the frozen reference
-model) into losses. The recipe owns the loop: one optimizer step on `forget_loss`, then, for
+model) into losses. The losses go through the fused `lm_head` ops (`models.lm_head`: no
+[B, T, V] logits); the full-logits formulas below (`example_ce`, `example_kl`,
+`example_nll_sum`) are their references, kept for tests and debugging. The recipe owns the loop: one optimizer step on `forget_loss`, then, for
 methods with `uses_retain`, a separate optimizer step on `retain_loss`, as in the papers.
 
 Losses are per-example means averaged over the batch, so a global batch split over N ranks
@@ -24,6 +26,7 @@ from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.data.examples import vqa_train_examples
 from dsunlearn.errors import MethodError
 from dsunlearn.models.encode import logits_of, sequence_logprob_sum, sequence_nll
+from dsunlearn.models.lm_head import HeldHead
 
 Batch = dict[str, torch.Tensor]
 METHODS: dict[str, type[Method]] = {}
@@ -95,6 +98,7 @@ class Method:
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
+        self.head = HeldHead()  # the trained lm_head, gathered from a loss until its step
 
     def forget_examples(self, bench: Benchmark, processor: Any) -> list[Any]:
         """What the forget step trains on: by default every forget VQA pair with every image."""
@@ -119,7 +123,9 @@ class Method:
 
     def before_step(self, engine: Any, phase: str = "forget") -> None:
         """Called after each backward, before the optimizer step; `phase` is "forget" or
-        "retain" (e.g. to release parameters a fused loss kept gathered for its backward)."""
+        "retain". Releases the lm_head the fused loss kept gathered for its backward; a
+        subclass that overrides this calls it first."""
+        self.head.release()
 
     def save(self, folder: Path, rank: int) -> None:
         """Write what a checkpoint of this method needs besides the engine state (read back in
@@ -136,8 +142,14 @@ class Method:
         raise NotImplementedError(f"method '{self.name}' takes no retain step")
 
     @staticmethod
-    def reference_logits(ref: Any, batch: Batch) -> torch.Tensor:
+    def require_reference(ref: Any | None) -> Any:
         if ref is None:
             raise MethodError("this method needs the frozen reference model")
+        return ref
+
+    @classmethod
+    def reference_logits(cls, ref: Any, batch: Batch) -> torch.Tensor:
+        """Full logits of the reference (eager paths and tests only)."""
+        cls.require_reference(ref)
         with torch.no_grad():
             return logits_of(ref, batch)

@@ -1,6 +1,7 @@
 """GradDiff: a forget step on -CE(forget), then a separate retain step on +CE(retain)."""
 
-from dsunlearn.methods.base import Method, example_ce, logits_of, register
+from dsunlearn.methods.base import Method, register
+from dsunlearn.models.lm_head import mean_ce
 
 
 @register("graddiff")
@@ -8,8 +9,7 @@ class GradDiff(Method):
     uses_retain = True
 
     def forget_loss(self, model, batch, ref):
-        return -example_ce(logits_of(model, batch), batch["labels"]).mean()
+        return mean_ce(model, batch, self.head, scale=-1.0)
 
     def retain_loss(self, model, batch, ref):
-        ce = example_ce(logits_of(model, batch), batch["labels"]).mean()
-        return self.cfg.retain_weight * ce
+        return mean_ce(model, batch, self.head, scale=self.cfg.retain_weight)

@@ -24,7 +24,8 @@ from dsunlearn.config import MethodConfig, OptimConfig, SaliencyConfig
 from dsunlearn.engine import checkpoint
 from dsunlearn.engine.dist import get_logger
 from dsunlearn.errors import ConfigError
-from dsunlearn.methods.base import Method, RunContext, example_ce, logits_of, register
+from dsunlearn.methods.base import Method, RunContext, register
+from dsunlearn.models.lm_head import mean_ce
 from dsunlearn.saliency.apply import MaskedUpdate
 from dsunlearn.saliency.compute import compute_saliency
 from dsunlearn.saliency.mask import check_spec
@@ -107,13 +108,14 @@ class MMUnlearner(Method):
     def before_step(self, engine: Any, phase: str = "forget") -> None:
         if self.update is None:
             raise RuntimeError("mmunlearner stepped before attach() built its mask")
+        super().before_step(engine, phase)  # the lm_head back to its partition first
         self.update.before_step(engine, phase)
 
     def forget_loss(self, model, batch, ref):
-        return -example_ce(logits_of(model, batch), batch["labels"]).mean()
+        return mean_ce(model, batch, self.head, scale=-1.0)
 
     def retain_loss(self, model, batch, ref):
-        return example_ce(logits_of(model, batch), batch["labels"]).mean()
+        return mean_ce(model, batch, self.head)
 
     def save(self, folder: Path, rank: int) -> None:
         """The mask beside the engine checkpoint, so that a resumed run steps on the same one."""

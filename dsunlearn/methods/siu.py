@@ -8,8 +8,9 @@ hold up the probability of a name). See `kernels/dual_masked_kl_ce.py` for the e
 Two implementations of the same loss (`siu_loss`):
 - ``fused``: the decoders' final hidden states and the `lm_head` weights go to the fused op; no
   [B, T, V] logits of either model are built. Under ZeRO-3 the partitioned `lm_head` weights are
-  gathered only around the op (`deepspeed.zero.GatheredParameters`); the op's gradient for the
-  weight flows back into the partitioned parameter like any other gradient.
+  gathered as every method's are (`models.lm_head`: the trained head until `before_step`, the
+  reference's around the op); the op's gradient for the weight flows back into the partitioned
+  parameter like any other gradient.
 - ``eager``: both models' full logits, then the torch formula (the ground truth).
 
 With several forget entities, the name ids of all of them are dropped from every row's KL.
@@ -17,7 +18,6 @@ With several forget entities, the name ids of all of them are dropped from every
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +30,8 @@ from dsunlearn.data.benchmark import Benchmark
 from dsunlearn.data.siu import SIUData, SIUSample, build_siu_data, name_token_ids
 from dsunlearn.errors import ConfigError, DataError, MethodError
 from dsunlearn.methods.base import Batch, Method, register
-from dsunlearn.models.encode import IGNORE_INDEX, final_hidden_states, hf_model, logits_of
+from dsunlearn.models.encode import IGNORE_INDEX, final_hidden_states, logits_of
+from dsunlearn.models.lm_head import gathered, head_params, output_head
 from kernels.dual_masked_kl_ce import (
     dual_masked_kl_ce,
     dual_masked_kl_ce_from_logits,
@@ -38,15 +39,6 @@ from kernels.dual_masked_kl_ce import (
 )
 
 LOSS_IMPLS = ("fused", "eager")
-
-
-def gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
-    """Full ZeRO-3 parameters inside the block (read-only gather); a no-op for ordinary ones."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def answer_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,18 +52,6 @@ def answer_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return sel, labels[sel], token_mask[:, 1:][sel]
 
 
-def _params(linear: torch.nn.Linear) -> list[torch.nn.Parameter]:
-    return [p for p in (linear.weight, linear.bias) if p is not None]
-
-
-def _head(model: Any) -> torch.nn.Module:
-    hf = hf_model(model)
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear):
-        raise MethodError(f"{type(hf).__name__} has no linear lm_head for the fused SIU loss")
-    return head
-
-
 @register("siu")
 class SIU(Method):
     uses_reference = True
@@ -82,7 +62,6 @@ class SIU(Method):
             raise ConfigError(f"method.siu_loss must be one of {LOSS_IMPLS}, got {cfg.siu_loss!r}")
         self.data: list[SIUData] = []
         self.drop_ids: list[int] = []
-        self._held: contextlib.ExitStack | None = None
         self.loss_impl = cfg.siu_loss  # refined at the first step: "fused-triton" / "fused-torch"
 
     # ------------------------------------------------------------------ data and schedule
@@ -165,15 +144,9 @@ class SIU(Method):
         h = final_hidden_states(model, batch)[:, :-1][sel]
         with torch.no_grad():
             ref_h = final_hidden_states(ref, batch)[:, :-1][sel]
-        head, ref_head = _head(model), _head(ref)
+        head, ref_head = output_head(model), output_head(ref)
         self.loss_impl = f"fused-{fused_backend(h)}"
-        # The trained head stays gathered until the backward is done: the op's weight gradient
-        # is full-size, and ZeRO-3 reduce-scatters it into the partition only while the
-        # parameter has its full shape (as it does in its own module's backward).
-        self.release_head()
-        self._held = contextlib.ExitStack()
-        self._held.enter_context(gathered(_params(head)))
-        with gathered(_params(ref_head)):
+        with self.head.use(head), gathered(head_params(ref_head)):
             return dual_masked_kl_ce(
                 h,
                 head.weight,
@@ -187,12 +160,3 @@ class SIU(Method):
                 bias=head.bias,
                 ref_bias=ref_head.bias,
             )
-
-    def release_head(self) -> None:
-        """Re-partition the trained head gathered by the fused loss (after its backward)."""
-        if self._held is not None:
-            self._held.close()
-            self._held = None
-
-    def before_step(self, engine: Any = None, phase: str = "forget") -> None:
-        self.release_head()

@@ -20,8 +20,9 @@ from dsunlearn.data.examples import text_qa_examples, vqa_train_examples
 from dsunlearn.engine.batches import to_device
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.errors import ConfigError, DataError
-from dsunlearn.models.encode import encode_examples, hf_model, logits_of, sequence_nll
+from dsunlearn.models.encode import encode_examples, hf_model
 from dsunlearn.models.families import strip_wrappers
+from dsunlearn.models.lm_head import HeldHead, mean_ce
 from dsunlearn.models.loader import block_linears, module_group
 from dsunlearn.saliency.mask import build_masks, check_spec
 from dsunlearn.saliency.scores import Scores, accumulate_units, real_element_count
@@ -130,9 +131,11 @@ def compute_saliency(
     arch = type(hf_model(engine)).__name__
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
 
+    head = HeldHead()  # gathered by each micro-batch's loss, released after its backward
+
     def loss_fn(eng: Any, examples: list[Any]) -> torch.Tensor:
         batch = to_device(encode_examples(processor, examples), info.device)
-        return sequence_nll(logits_of(eng, batch), batch["labels"]).mean()  # CE per example
+        return mean_ce(eng, batch, head)  # the batch mean of the per-example CE
 
     def language(name: str) -> bool:
         return module_group(arch, own_param_name(name)) == "language"
@@ -149,13 +152,19 @@ def compute_saliency(
     texts = text_qa_examples([*bench.forget, *bench.retain])
     units = {
         "forget": accumulate_units(
-            engine, named, scores.forget, _units(forget, cfg, rank, world), loss_fn
+            engine, named, scores.forget, _units(forget, cfg, rank, world), loss_fn, head.release
         ),
         "retain_vqa": accumulate_units(
-            engine, named, scores.preserve, _units(retain, cfg, rank, world), loss_fn
+            engine, named, scores.preserve, _units(retain, cfg, rank, world), loss_fn, head.release
         ),
         "text_qa": accumulate_units(
-            engine, named, scores.preserve, _units(texts, cfg, rank, world), loss_fn, language
+            engine,
+            named,
+            scores.preserve,
+            _units(texts, cfg, rank, world),
+            loss_fn,
+            head.release,
+            language,
         ),
     }
 

@@ -78,17 +78,20 @@ def accumulate_units(
     into: dict[str, torch.Tensor],
     units: Iterator[list[Batch]],
     loss_fn: Callable[[Any, Batch], torch.Tensor],
+    after_backward: Callable[[], None] = lambda: None,
     select: Callable[[str], bool] = lambda _name: True,
 ) -> int:
     """For each unit (this rank's micro-batches of one global batch): forward + backward of
     every micro-batch with gradients accumulating, then into[name] += g^2 on the local partition
-    for the selected parameters, then clear the gradients. Returns the number of units."""
+    for the selected parameters, then clear the gradients. Returns the number of units.
+    `after_backward` runs after each backward (to release the lm_head a fused loss gathered)."""
     count = 0
     for micro_batches in units:
         share = len(micro_batches)
         for batch in micro_batches:
             loss = loss_fn(engine, batch) / share
             engine.backward(loss, scale_wrt_gas=False)
+            after_backward()
         for name, p in named_params:
             if not select(name):
                 continue

@@ -10,14 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from dsunlearn.config import EvalConfig
 from dsunlearn.data.examples import QAExample, subsample
 from dsunlearn.engine.dist import DistInfo
 from dsunlearn.eval.evaluate import per_rank_batch
-from dsunlearn.eval.mia import answer_token_logprobs, auc, min_k_percent
+from dsunlearn.eval.mia import auc, min_k_percent
 from dsunlearn.eval.scoring import eval_mode, map_answer_rows
+from dsunlearn.models.lm_head import TeacherForced
 
 MINK_K = 20.0
 
@@ -57,8 +56,8 @@ def min_k_scores(
 ) -> list[float]:
     """Min-k% token log-probability of each item's answer (higher = more likely a member)."""
 
-    def fn(logits: torch.Tensor, labels: torch.Tensor, _rows: list[int]) -> list[float]:
-        lp, mask = answer_token_logprobs(logits, labels)
+    def fn(tf: TeacherForced, _rows: list[int]) -> list[float]:
+        lp, mask = tf.token_logprobs()
         return min_k_percent(lp.cpu(), mask.cpu(), k).tolist()
 
     return map_answer_rows(model, processor, items, [it.answer for it in items], per_rank, info, fn)

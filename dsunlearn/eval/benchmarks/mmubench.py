@@ -48,7 +48,7 @@ from dsunlearn.eval.judge import JUDGE_NAME, judge_answers
 from dsunlearn.eval.metrics import mia_rouge_recall
 from dsunlearn.eval.mia import concept_kl
 from dsunlearn.eval.scoring import eval_mode, generate_answers, map_answer_rows
-from dsunlearn.models.encode import IGNORE_INDEX
+from dsunlearn.models.lm_head import TeacherForced
 
 MIA_KEY = "mia_mink20_auc_train_vs_test_image"
 
@@ -124,7 +124,11 @@ def coarse_logprobs(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
     """[..., K+1] fp32: the log-probabilities of the K token `ids` under `logits` [..., V],
     then log(1 - their mass), the bucket of every other token (as `mia.concept_kl` coarsens)."""
     index = torch.tensor(list(ids), dtype=torch.long, device=logits.device)
-    lp = torch.log_softmax(logits.float(), dim=-1).index_select(-1, index)
+    return with_rest_bucket(torch.log_softmax(logits.float(), dim=-1).index_select(-1, index))
+
+
+def with_rest_bucket(lp: torch.Tensor) -> torch.Tensor:
+    """[..., K+1]: the K log-probabilities `lp` [..., K], then log(1 - their mass)."""
     rest = torch.log(-torch.expm1(torch.logsumexp(lp, dim=-1).clamp(max=0.0)))
     return torch.cat([lp, rest.unsqueeze(-1)], dim=-1)
 
@@ -141,13 +145,12 @@ def concept_logprobs(
     """Per probe, [answer positions, K+1] fp32 log-probabilities of the concept's K token ids
     plus one bucket for every other token, teacher-forced on `answers` (what C-Dis compares)."""
 
-    def fn(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) -> list[torch.Tensor]:
-        out = []
-        shift_logits = logits[:, :-1, :]
-        mask = labels[:, 1:] != IGNORE_INDEX
-        for r, i in enumerate(rows):
-            out.append(coarse_logprobs(shift_logits[r][mask[r]], ids[probes[i].entity_id]).cpu())
-        return out
+    def fn(tf: TeacherForced, rows: list[int]) -> list[torch.Tensor]:
+        lse = tf.stats().lse  # K head columns per probe, never the [positions, V] logits
+        return [
+            with_rest_bucket(tf.logprobs_of(ids[probes[i].entity_id], lse, r)).cpu()
+            for r, i in enumerate(rows)
+        ]
 
     return map_answer_rows(model, processor, probes, answers, per_rank_batch, info, fn)
 
