@@ -15,6 +15,7 @@ from kernels.mask_apply import unpack_mask
 from tests.conftest import DS_CONFIG, REPO, run_deepspeed, save_random_tiny
 
 CPU = torch.device("cpu")
+DS_OFFLOAD = str(REPO / "configs" / "deepspeed" / "zero3_cpu_offload.json")
 
 
 @pytest.mark.parametrize("k", [1, 2, 50, 99, 100])
@@ -130,29 +131,35 @@ def test_masks_are_bit_identical_on_one_and_two_ranks(saliency, mode):
     assert set(summaries[1]["per_group"]) == {"vision", "projector", "language"}
 
 
+def _masked_update(out: Path, vanilla: Path, bench: Path, masks: Path, *extra: str) -> dict:
+    """tests/ranks/masked_update.py on 2 ranks: 3 masked gradient-ascent steps; its report."""
+    import subprocess
+    import sys
+
+    from dsunlearn.engine.dist import free_port
+    from dsunlearn.recipes.demo import launch_env
+
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port())]
+    cmd += ["tests/ranks/masked_update.py", str(vanilla), str(bench), str(masks)]
+    cmd += [str(out), "3", *extra]
+    env = launch_env(2) | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_masked_forget_steps_leave_every_unselected_weight_bit_identical(
     tmp_path, saliency, small_bench, random_vanilla
 ):
     """2 ranks, AdamW with weight decay 0.1, 3 gradient-ascent steps through the masked update
     (the top-k mask over every weight, from the 2-rank saliency run)."""
-    import subprocess
-
-    from dsunlearn.engine.dist import free_port
-    from dsunlearn.recipes.demo import launch_env
-
     vanilla, masks = random_vanilla, saliency("topk", 2)
 
     def run(*extra: str) -> dict:
         out = tmp_path / f"update{'_'.join(extra)}.json"
-        launcher = Path(__import__("sys").executable).with_name("deepspeed")
-        cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port())]
-        cmd += ["tests/ranks/masked_update.py", str(vanilla), str(small_bench), str(masks)]
-        cmd += [str(out), "3", *extra]
-        env = launch_env(2) | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        return json.loads(out.read_text())
+        return _masked_update(out, vanilla, small_bench, masks, *extra)
 
     masked = run()
     print(masked)
@@ -162,6 +169,23 @@ def test_masked_forget_steps_leave_every_unselected_weight_bit_identical(
     assert masked["clip_norm_rel_gap"] < 1e-5
     control = run("adamw")  # torch's AdamW decays every weight: the frozen ones move
     assert control["frozen_changed"] > 0.5 * control["frozen"]
+
+
+@pytest.mark.slow
+def test_masked_forget_steps_under_optimizer_offload_leave_unselected_weights_bit_identical(
+    tmp_path, saliency, small_bench, random_vanilla
+):
+    """The same 3 masked steps with the optimizer offloaded (DeepSpeedCPUAdam on host fp32
+    buffers, which DeepSpeed fills during the backward): the mask and the decay reach what it
+    steps on, and the clipping norm is still the masked gradient's."""
+    out = tmp_path / "offload.json"
+    masks = saliency("topk", 2)
+    masked = _masked_update(out, random_vanilla, small_bench, masks, f"ds={DS_OFFLOAD}")
+    print(masked)
+    assert masked["optimizer"] == "DeepSpeedCPUAdam" and masked["offload"]
+    assert masked["frozen"] > 0 and masked["frozen_changed"] == 0
+    assert masked["selected_moved"] > 0.9 * masked["selected"]
+    assert masked["clip_norm_rel_gap"] < 1e-5
 
 
 @pytest.mark.slow

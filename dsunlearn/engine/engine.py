@@ -95,10 +95,12 @@ def _resume_exact_cpu_adam(opt: Any) -> None:
     differ in the last bit at some steps (beta2 = 0.999: steps 3, 6, 19..26, ...). Before a step
     whose count does not follow the last one the C++ side saw, this replays the missing
     increments on empty tensors, so it holds the same products as a run that never stopped."""
+    import types
+
     stock_step = opt.step
     seen = [0]  # the last step count the C++ optimizer was given
 
-    def step(closure=None):
+    def step(self, closure=None):  # bound, as torch's LR schedulers wrap `opt.step.__func__`
         states = [opt.state[p] for g in opt.param_groups for p in g["params"] if p.grad is not None]
         done = int(states[0].get("step", 0)) if states else seen[0]
         if done not in (seen[0], seen[0] - 1):  # not the next step, nor the current one again
@@ -116,7 +118,7 @@ def _resume_exact_cpu_adam(opt: Any) -> None:
         seen[0] = done + 1 if states else seen[0]
         return out
 
-    opt.step = step
+    opt.step = types.MethodType(step, opt)
 
 
 def build_train_engine(model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str, Any]):

@@ -2,10 +2,12 @@
 report (rank 0) how many weights outside the mask changed. Used by tests/test_saliency.py.
 
     deepspeed --num_gpus 2 tests/ranks/masked_update.py VANILLA BENCH MASK_DIR OUT_JSON STEPS \
-        [adamw] [lora]
+        [adamw] [lora] [ds=DEEPSPEED_JSON]
 
-With `adamw` (the control) the decay is left to torch's AdamW, which decays every weight. With
-`lora` the model trains LoRA adapters (r=4, the default targets), and the mask is theirs.
+With `adamw` (the control) the decay is left to the optimizer's AdamW, which decays every weight.
+With `lora` the model trains LoRA adapters (r=4, the default targets), and the mask is theirs.
+`ds=` picks the DeepSpeed config (default configs/deepspeed/zero3_cpu.json); one that offloads
+the optimizer steps with DeepSpeedCPUAdam on host fp32 buffers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dsunlearn.saliency.apply import MaskedUpdate
 from dsunlearn.saliency.store import load_mask
 
 WEIGHT_DECAY = 0.1
+DS_DEFAULT = "configs/deepspeed/zero3_cpu.json"
 
 
 def gathered_params(engine) -> dict[str, torch.Tensor]:
@@ -62,11 +65,12 @@ def main() -> None:
     vanilla, bench_dir, mask_dir, out_json, steps = args[:5]
     control = "adamw" in args[5:]
     lora = "lora" in args[5:]
+    ds_path = next((a[3:] for a in args[5:] if a.startswith("ds=")), DS_DEFAULT)
     info = init_distributed()
     bench = prepare_benchmark(DataConfig(path=bench_dir), info)
     # Decay is the masked update's job; the control hands it to the optimizer instead.
     optim = OptimConfig(lr=1e-3, weight_decay=WEIGHT_DECAY if control else 0.0, batch_size=4)
-    ds = deepspeed_config("configs/deepspeed/zero3_cpu.json", optim, ModelConfig(), info)
+    ds = deepspeed_config(ds_path, optim, ModelConfig(), info)
     model, processor = load_model_and_processor(vanilla, ds_config=ds)
     if lora:
         model = apply_lora(model, LoraConfig(r=4))
@@ -102,7 +106,9 @@ def main() -> None:
             "world_size": info.world_size,
             "steps": int(steps),
             "weight_decay": WEIGHT_DECAY,
-            "decay_by": "torch AdamW" if control else "masked update",
+            "decay_by": "the optimizer" if control else "masked update",
+            "optimizer": type(engine.optimizer.optimizer).__name__,
+            "offload": bool(getattr(engine.optimizer, "offload_optimizer", False)),
             "frozen": sum(int((~gathered[n]).sum()) for n in start),
             "frozen_changed": frozen_changed,
             "selected": sum(int(gathered[n].sum()) for n in start),
