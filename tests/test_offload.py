@@ -53,3 +53,21 @@ def test_unbuildable_cpu_adam_stops_with_one_line(monkeypatch, tmp_path):
     print(message)
     assert "\n" not in message
     assert "CPU Adam op, which could not be built: /nonexistent/g++ not found" in message
+
+
+def test_a_lock_left_by_a_killed_build_stops_with_one_line(monkeypatch, tmp_path):
+    """torch waits forever on the lock file of a build that was killed: name it instead."""
+    import os
+
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    from dsunlearn.engine.engine import _load_cpu_adam_op
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delitem(OpBuilder._loaded_ops, "cpu_adam", raising=False)
+    lock = tmp_path / "ext" / "cpu_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (0, 0))  # the lock of a build killed long ago
+    with pytest.raises(ConfigError, match=f"waits on {lock}, left by a build that was killed"):
+        _load_cpu_adam_op()
