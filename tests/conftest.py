@@ -13,6 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 DS_CONFIG = str(REPO / "configs" / "deepspeed" / "zero3_cpu.json")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """`pytest -m gpu` is the single-GPU fallback: every test parametrised on the "cuda"
+    device (the kernels compiled, not interpreted) joins the tests marked `gpu` by hand."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "cuda" in callspec.params.values():
+            item.add_marker(pytest.mark.gpu)
+
+
 @pytest.fixture(scope="session")
 def small_bench(tmp_path_factory) -> Path:
     """6 fictitious people (1 forgotten), in MLLMU-Bench layout."""

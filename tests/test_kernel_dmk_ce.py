@@ -293,6 +293,7 @@ def test_fused_dispatcher_picks_triton_under_interpret(monkeypatch):
         dual_masked_kl_ce(**inp, backend="eager")
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_fused_dispatcher_picks_triton_on_cuda(monkeypatch):
     def fail(*args, **kwargs):
