@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 import kernels.dual_masked_kl_ce as dmk  # noqa: E402
 import kernels.mask_apply as ma  # noqa: E402
+from kernels.chunked_head import default_chunk  # noqa: E402
 
 ALPHA, BETA, GRAD_SCALE = 0.9, 0.75, 1.7
 # The test suite's elementwise tolerances, fused vs the reference in the same dtype.
@@ -360,7 +361,7 @@ def profile_dmk(out: Path, device: torch.device, quick: bool) -> None:
             )
 
         row = dict(V=vocab, N=n, H=hid, dtype=str(dtype).removeprefix("torch."))
-        row["default_chunk_rows"] = dmk._default_chunk(n, vocab)
+        row["default_chunk_rows"] = default_chunk(n, vocab, device)
         row["eager_ms"] = _median_ms(lambda x=x: bench.step(bench.eager_loss, x), device)
         row["ours_ms"] = _median_ms(ours, device)
         chunk1024 = min(n, 1024)

@@ -3,7 +3,8 @@
 An op maps h [N, H] to z = h W^T + b [N, V] (and, for ops against a frozen reference model,
 r = ref_h Wr^T + br) and on to a few per-row statistics (log p of the label, a KL, ...). The [N, V]
 logits are never built for all rows at once: rows go in chunks of about `CHUNK_ELEMS` fp32
-logits; each chunk's logits are made, handed to the op's row function (a Triton kernel or plain
+logits (64 MiB on a GPU; 256 MiB on CPU, where each chunk's rank-c update of the fp32 dW costs a
+full pass over V x H of memory traffic, so fewer chunks pay); each chunk's logits are made, handed to the op's row function (a Triton kernel or plain
 torch: the backends differ only there) and dropped. Peak extra memory is a few [chunk, V] fp32
 buffers plus the gradients themselves.
 
@@ -35,15 +36,17 @@ from kernels.triton_utils import interpreter_ready, triton
 
 IGNORE_INDEX = -100
 BACKENDS = ("triton", "torch", "eager")
-CHUNK_ELEMS = 2**24  # fp32 logits per chunk buffer (64 MiB)
+CHUNK_ELEMS = 2**24  # fp32 logits per chunk buffer on a GPU (64 MiB)
+CPU_CHUNK_ELEMS = 2**26  # and on CPU (256 MiB)
 
 RowFn = Callable[
     [torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...], torch.Tensor | None],
     torch.Tensor,
 ]
 """(z [c, V] fp32 contiguous, r [c, V] fp32 or None, the per-row tensors cut to the chunk, coefs
-[c, k] fp32 or None) -> stats [c, n_stats] fp32 whose first k columns are differentiable. With
-coefs, z is overwritten with d(sum coefs * stats[:, :k]) / dz (r may be overwritten too)."""
+[c, k] fp32 or None) -> (stats [c, n_stats] fp32 whose first k columns are differentiable,
+dz = d(sum coefs * stats[:, :k]) / dz [c, V] fp32 with coefs, else None). z and r are the
+function's to overwrite (dz may be z itself)."""
 
 
 def resolve_backend(h: torch.Tensor, backend: str | None) -> str:
@@ -59,8 +62,9 @@ def resolve_backend(h: torch.Tensor, backend: str | None) -> str:
     return backend
 
 
-def default_chunk(n: int, vocab: int) -> int:
-    return max(1, min(n, CHUNK_ELEMS // max(1, vocab)))
+def default_chunk(n: int, vocab: int, device: torch.device) -> int:
+    elems = CPU_CHUNK_ELEMS if device.type == "cpu" else CHUNK_ELEMS
+    return max(1, min(n, elems // max(1, vocab)))
 
 
 @dataclass
@@ -97,7 +101,7 @@ def _sweep(
     # dW sums partials over chunks, which cancel: bf16 partials lose too much, so fp32.
     grad_w = torch.zeros(vocab, hid, dtype=torch.float32, device=dev) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
-    chunk = int(op.chunk_size) if op.chunk_size else default_chunk(n, vocab)
+    chunk = int(op.chunk_size) if op.chunk_size else default_chunk(n, vocab, dev)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         h_c = h[s:e]
@@ -107,14 +111,14 @@ def _sweep(
             ref_h, ref_w, ref_b = op.ref
             r = F.linear(ref_h[s:e], ref_w, ref_b).float().contiguous()
         rows = tuple(x[s:e] for x in op.rows)
-        stats[s:e] = op.row_fn(z, r, rows, coefs[s:e] if with_grad else None)
-        del r
-        if need_h:  # z now holds dL/dz; dh rows are written once, so the input dtype suffices
-            grad_h[s:e] = z.to(weight.dtype) @ weight
+        stats[s:e], dz = op.row_fn(z, r, rows, coefs[s:e] if with_grad else None)
+        del z, r
+        if need_h:  # dh rows are written once, so the input dtype suffices
+            grad_h[s:e] = dz.to(weight.dtype) @ weight
         if need_w:
-            grad_w.addmm_(z.t(), h_c.float())
+            grad_w.addmm_(dz.t(), h_c.float())
         if need_b:
-            grad_b += z.sum(0)
+            grad_b += dz.sum(0)
     return stats, grad_h, grad_w, grad_b
 
 

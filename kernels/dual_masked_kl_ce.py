@@ -231,7 +231,7 @@ def _triton_rows(drop: torch.Tensor) -> ch.RowFn:
             out[0], out[1], scales, vocab, IGNORE_INDEX,
             BLOCK_V=min(triton.next_power_of_2(vocab), _MAX_BLOCK_V), WRITE_GRAD=coefs is not None,
         )  # fmt: skip
-        return out.t()
+        return out.t(), z
 
     return rows_fn
 
@@ -257,8 +257,8 @@ def _torch_rows(drop: torch.Tensor) -> ch.RowFn:
             b = torch.where(do_kl, coefs[:, 1], zero)[:, None]
             kept = p.sum(dim=1, keepdim=True)
             dz = log_q.exp_().mul_(a + b * kept).sub_(p.mul_(b))
-            dz.scatter_add_(1, safe[:, None], -a)
-        return stats
+            return stats, dz.scatter_add_(1, safe[:, None], -a)
+        return stats, None
 
     return rows_fn
 

@@ -84,23 +84,27 @@ def _torch_rows(moments: bool) -> ch.RowFn:
         (labels,) = rows
         valid = labels != IGNORE_INDEX
         safe = torch.where(valid, labels, torch.zeros_like(labels))
-        lse = torch.logsumexp(z, dim=1)
-        lp = z.gather(1, safe[:, None]).squeeze(1) - lse
+        # one fused log_softmax (the fastest full-row pass torch has); lse = z - log p anywhere
+        log_p = torch.log_softmax(z, dim=1)
+        lse = z[:, 0] - log_p[:, 0]
+        del z  # the caller's buffer: freed with the chunk, dz goes into log_p's
+        lp = log_p.gather(1, safe[:, None]).squeeze(1)
         cols = [torch.where(valid, lp, torch.zeros_like(lp)), lse]
-        if moments:
-            top = z.max(dim=1, keepdim=True).values
-            p = torch.exp(z - lse[:, None])
-            d = z - top
+        if moments:  # as the reference: centred on the top log-probability
+            top = log_p.max(dim=1, keepdim=True).values
+            p = log_p.exp()
+            d = log_p - top
             live = p > 0
             zero = torch.zeros_like(d)
             m1 = torch.where(live, p * d, zero).sum(dim=1, keepdim=True)
             var = torch.where(live, p * (d - m1).square(), zero).sum(dim=1)
-            cols += [(top - lse[:, None] + m1).squeeze(1), var.sqrt()]
-        if coefs is not None:  # d(c lp)/dz = c (onehot - softmax), written over z
-            c = torch.where(valid, coefs[:, 0], torch.zeros_like(coefs[:, 0]))
-            z.sub_(lse[:, None]).exp_().mul_(-c[:, None])
-            z.scatter_add_(1, safe[:, None], c[:, None])
-        return torch.stack(cols, dim=1)
+            cols += [(top + m1).squeeze(1), var.sqrt()]
+        stats = torch.stack(cols, dim=1)
+        if coefs is None:
+            return stats, None
+        c = torch.where(valid, coefs[:, 0], torch.zeros_like(coefs[:, 0]))[:, None]
+        dz = log_p.exp_().mul_(-c)  # d(c lp)/dz = c (onehot - softmax)
+        return stats, dz.scatter_add_(1, safe[:, None], c)
 
     return rows_fn
 
@@ -181,7 +185,7 @@ def _triton_rows(moments: bool) -> ch.RowFn:
             BLOCK_V=min(triton.next_power_of_2(vocab), _MAX_BLOCK_V),
             MOMENTS=moments, WRITE_GRAD=coefs is not None,
         )  # fmt: skip
-        return out
+        return out, z
 
     return rows_fn
 
