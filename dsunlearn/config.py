@@ -27,6 +27,9 @@ class DataConfig:
     """Which benchmark to use. `path=None` means the built-in generated benchmark."""
 
     path: str | None = None  # local folder or hub id of an MLLMU-Bench-shaped benchmark
+    # The layout of `path`: mllmu (MLLMU-Bench's, also the built-in one's) or clear (CLEAR's
+    # forgetXX/retainXX configs, dsunlearn/data/clear.py load_clear_benchmark).
+    benchmark: str = "mllmu"
     seed: int = 0  # built-in benchmark: generator seed
     entities: int = 20  # built-in benchmark: number of fictitious people
     forget_pct: int = 10  # share of entities in the forget split

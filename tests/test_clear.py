@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from dsunlearn.data import clear
@@ -239,3 +240,91 @@ def test_hub_id_offline_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         "cannot load 'therem/CLEAR' config 'forget05' from the Hugging Face hub: "
     )
     assert "\n" not in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on CLEAR (data.benchmark: clear)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_benchmark_gives_each_picture_its_own_caption(root: Path) -> None:
+    """forget10/retain90 -> the Benchmark the methods train on: one (prompt, caption) example
+    per picture row, never a caption with another picture; the +tofu text QA per person."""
+    from dsunlearn.data.clear import CAPTION_PROMPT, load_clear_benchmark
+    from dsunlearn.data.examples import learn_examples, text_qa_examples, vqa_train_examples
+    from dsunlearn.eval.benchmarks.clear import CAPTION_PROMPT as EVAL_PROMPT
+
+    bench = load_clear_benchmark(str(root), forget_pct=10)
+    for records, config in ((bench.forget, "forget10"), (bench.retain, "retain90")):
+        rows = load_clear(str(root), config).captions
+        assert [r.name for r in records] == list(dict.fromkeys(r.name for r in rows))
+        examples = vqa_train_examples(records)
+        assert [(e.question, e.answer, e.entity_id) for e in examples] == [
+            (CAPTION_PROMPT, r.caption, r.name) for r in rows
+        ]
+        assert [_pixels_of(e.image) for e in examples] == [_pixels_of(r.image) for r in rows]
+        tofu = load_clear(str(root), config + "+tofu").text_qa
+        texts = text_qa_examples(records)
+        assert [(t.question, t.answer) for t in texts] == [(q.question, q.answer) for q in tofu]
+        assert all(records_by(records)[t.entity_id].name in t.question for t in texts)
+    assert CAPTION_PROMPT == EVAL_PROMPT  # the MIA's members are the trained pairs
+    assert len(bench.forget) == forget_count(N, 10) and bench.test == []
+    gold = learn_examples(bench, gold=True)
+    assert {e.entity_id for e in gold if e.image is not None} == {r.id for r in bench.retain}
+
+
+def records_by(records: list) -> dict:
+    return {r.id: r for r in records}
+
+
+def _pixels_of(image: Image.Image) -> bytes:
+    return image.convert("RGB").tobytes()
+
+
+def test_training_benchmark_bad_input_is_one_line(root: Path, tmp_path: Path) -> None:
+    from dsunlearn.config import DataConfig
+    from dsunlearn.data.clear import load_clear_benchmark
+    from dsunlearn.engine.dist import DistInfo
+    from dsunlearn.errors import ConfigError
+    from dsunlearn.recipes.common import prepare_benchmark
+
+    partial = tmp_path / "partial"
+    for config in ("forget10", "forget10+tofu"):
+        shutil.copytree(root / config, partial / config)
+    with pytest.raises(DataError, match=r"retain90: config folder not found"):
+        load_clear_benchmark(str(partial), forget_pct=10)
+    with pytest.raises(DataError, match="forget percentage must be one of"):
+        load_clear_benchmark(str(root), forget_pct=15)
+    info = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+    with pytest.raises(ConfigError, match="set data.benchmark=clear"):
+        prepare_benchmark(DataConfig(path=str(root), forget_pct=10), info)
+    with pytest.raises(ConfigError, match="data.benchmark must be one of"):
+        prepare_benchmark(DataConfig(path=str(root), benchmark="tofu"), info)
+    with pytest.raises(ConfigError, match="needs data.path"):
+        prepare_benchmark(DataConfig(benchmark="clear"), info)
+    bench = prepare_benchmark(DataConfig(path=str(root), benchmark="clear", forget_pct=5), info)
+    assert len(bench.forget) == forget_count(N, 5)
+
+
+def test_unlearn_trains_on_clear(tmp_path: Path, root: Path, random_vanilla: Path) -> None:
+    """A real `dsunlearn unlearn` on the CLEAR fixture: GA, 1 rank, 2 steps, CLEAR's protocol."""
+    from tests.conftest import run_cli, unlearn_args
+
+    args = unlearn_args(
+        tmp_path,
+        root,
+        random_vanilla,
+        "methods=[ga]",
+        "data.benchmark=clear",
+        "eval.benchmark=clear",
+        "optim.steps=2",
+        "optim.batch_size=2",
+        "eval.every=0",
+        "eval.max_items=4",
+        name="run",
+    )
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["benchmark"]["forget_pct"] == 10 and "ga" in report["methods"]
+    assert "forget_name_mc_acc" in report["methods"]["ga"]

@@ -62,6 +62,9 @@ class EntityRecord:
     mc_text: list[MCItem]
     gen: list[GenItem]
     cloze: list[GenItem]
+    # Per-picture training pairs: image_qa[i] goes with images[i] only (CLEAR: each picture with
+    # its own caption), where `metadata` goes with every picture. [] for MLLMU-Bench's layout.
+    image_qa: list[list[tuple[str, str]]] = field(default_factory=list)
 
 
 @dataclass

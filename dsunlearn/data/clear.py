@@ -35,6 +35,10 @@ or its question for a row without a picture (the `+tofu` text rows); the row is 
 iff `int(sha256(f"{seed}|{key}").hexdigest()[:8], 16) % 100 < val_pct`, a test row otherwise.
 The key holds no config name, so the same picture in `forgetXX`, `forgetXX_perturbed`,
 `forgetXX+tofu` and `full` is on the same side everywhere. `split_rule` says it in words.
+
+Training (`load_clear_benchmark`): the forget and retain people of `forgetXX` / `retainXX` with
+their pictures, each picture paired with its own caption, and their `+tofu` text QA, as the
+`Benchmark` the unlearning methods and `dsunlearn learn` train on (`data.benchmark: clear`).
 """
 
 from __future__ import annotations
@@ -49,7 +53,14 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from dsunlearn.data.benchmark import check_split, check_val_pct
+from dsunlearn.data.benchmark import (
+    Benchmark,
+    EntityRecord,
+    GenItem,
+    check_split,
+    check_val_pct,
+)
+from dsunlearn.data.mllmu import TYPE_TEXT
 from dsunlearn.data.parquet import (
     decode_image,
     is_image,
@@ -411,3 +422,93 @@ def _add_row(out: ClearSplit, row: dict[str, Any], where: str) -> None:
                 options=_str_list(row, "options", where),
             )
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data: the Benchmark the unlearning methods train on
+# ---------------------------------------------------------------------------------------------
+
+# CLEAR has captions but no question for them (the CLEAR code trains on the caption alone);
+# this prompt is ours, and the evaluation protocol asks the same one
+# (dsunlearn/eval/benchmarks/clear.py), so its MIA members are exactly the trained pairs.
+CAPTION_PROMPT = "Describe the person in this picture."
+
+
+def load_clear_benchmark(
+    path_or_hub_id: str, forget_pct: int = 10, val_pct: int = 20, split_seed: int = 0
+) -> Benchmark:
+    """The forget and retain people of CLEAR's `forgetXX` / `retainXX` configs (XX from
+    `forget_pct`), as the `Benchmark` every method trains on.
+
+    Per person (rows grouped by `name`, in order of first appearance): its pictures, each with
+    its own training pair (CAPTION_PROMPT, that picture's caption) in `EntityRecord.image_qa`,
+    not in `metadata`. `vqa_train_examples` pairs `metadata` with every picture of a person,
+    which suits MLLMU-Bench's per-person questions; a CLEAR caption describes one picture (pose,
+    setting, clothes), and the CLEAR paper fine-tunes and unlearns on (picture, its caption)
+    pairs, so each picture gets only its own caption: one example per row of the config.
+
+    Text QA (`forgetXX+tofu` / `retainXX+tofu`, TOFU's questions about the same people) go in
+    `gen` as Pure_Text items, the ones `text_qa_examples` reads (`dsunlearn learn`, MMUnlearner's
+    saliency). The text rows have no `name` column: a row belongs to the person whose name its
+    question or answer contains (the longest such name), else to the person of the row before
+    (TOFU keeps each person's questions together), else to the config's first person.
+
+    `biography` is {"description": the person's first caption} (CLEAR has no key-value facts;
+    SIU states it as the person's true facts); `test` is [] (CLEAR has no held-out pictures:
+    its protocol evaluates the forget and retain configs themselves, cut by the seeded hash of
+    the module docstring). Evaluation items (mc_*, cloze) stay empty: the CLEAR protocol reads
+    its own configs. Problems are one-line DataErrors.
+    """
+    check_val_pct(val_pct)
+    forget_cfg, retain_cfg = forget_config(forget_pct), retain_config(forget_pct)
+    groups: dict[str, list[EntityRecord]] = {}
+    for cfg in (forget_cfg, retain_cfg):
+        people = _people(load_clear(path_or_hub_id, cfg), f"{path_or_hub_id}/{cfg}")
+        _add_text_qa(people, load_clear(path_or_hub_id, cfg + "+tofu"), TYPE_TEXT)
+        groups[cfg] = list(people.values())
+    both = {r.name for r in groups[forget_cfg]} & {r.name for r in groups[retain_cfg]}
+    if both:
+        raise DataError(
+            f"{path_or_hub_id}: {forget_cfg} and {retain_cfg} share people {sorted(both)[:5]}"
+        )
+    return Benchmark(
+        forget=groups[forget_cfg],
+        retain=groups[retain_cfg],
+        test=[],
+        source=f"CLEAR {path_or_hub_id} ({forget_cfg}/{retain_cfg})",
+        forget_pct=forget_pct,
+        val_pct=val_pct,
+        split_seed=split_seed,
+    )
+
+
+def _people(split: ClearSplit, where: str) -> dict[str, EntityRecord]:
+    people: dict[str, EntityRecord] = {}
+    for row in split.captions:
+        name = row.name or ""
+        if name not in people:
+            people[name] = EntityRecord(
+                id=name,
+                name=name,
+                biography={"description": row.caption},
+                images=[],
+                metadata=[],
+                mc_image=[],
+                mc_text=[],
+                gen=[],
+                cloze=[],
+            )
+        people[name].images.append(row.image)
+        people[name].image_qa.append([(CAPTION_PROMPT, row.caption)])
+    if not people:
+        raise DataError(f"{where}: no picture of a named person")
+    return people
+
+
+def _add_text_qa(people: dict[str, EntityRecord], tofu: ClearSplit, text_type: str) -> None:
+    """Each TOFU row to its person (the rule in `load_clear_benchmark`)."""
+    names = sorted(people, key=len, reverse=True)
+    current = next(iter(people))
+    for qa in tofu.text_qa:
+        current = next((n for n in names if n in qa.question or n in qa.answer), current)
+        people[current].gen.append(GenItem(text_type, qa.question, qa.answer))

@@ -69,9 +69,14 @@ class GenExample:
 
 
 def vqa_train_examples(records: Iterable[EntityRecord]) -> list[QAExample]:
-    """Every training VQA pair (`metadata`) with every image of its person."""
+    """Every training VQA pair (`metadata`) with every image of its person, then each image's
+    own pairs (`image_qa[i]` with `images[i]` only: CLEAR's captions describe one picture each,
+    so a caption asked of another picture of the person would teach a wrong description)."""
     return [
-        QAExample(q, a, image, r.id) for r in records for image in r.images for q, a in r.metadata
+        QAExample(q, a, image, r.id)
+        for r in records
+        for i, image in enumerate(r.images)
+        for q, a in (*r.metadata, *(r.image_qa[i] if i < len(r.image_qa) else ()))
     ]
 
 

@@ -37,7 +37,7 @@ from dsunlearn.eval.verdict import truth_ratios
 MIA_KEY = "mia_mink20_auc_caption_vs_perturbed"
 # CLEAR has captions and names but no question for them: these prompts are ours.
 NAME_PROMPT = "The name of the person on the image is"
-CAPTION_PROMPT = "Describe the person in this picture."
+CAPTION_PROMPT = clear_data.CAPTION_PROMPT  # also the question unlearning trains on
 
 
 @dataclass
