@@ -58,6 +58,8 @@ def test_experiment_configs_load():
         bench, stem = path.parent.name, path.stem
         model, method = stem.rsplit("-", 1)
         assert cfg.methods == [method] and cfg.eval.benchmark == bench
+        # the training data's layout: CLEAR's forgetXX/retainXX, or MLLMU-Bench's (the default)
+        assert cfg.data.benchmark == bench and cfg.data.path
         assert cfg.model.dtype == "bf16" and cfg.model.gradient_checkpointing
         assert cfg.deepspeed == "configs/deepspeed/zero3_bf16.json"
         assert model_shape(cfg.model.name).name == cfg.model.name  # a published name
