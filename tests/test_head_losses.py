@@ -29,7 +29,7 @@ def setup(small_bench):
     model, processor = load_model_and_processor("tiny-llava", seed=0)
     ref, _ = load_model_and_processor("tiny-llava", seed=1)
     ref.requires_grad_(False)
-    ex = vqa_train_examples(bench.forget)[:3] + vqa_train_examples(bench.retain)[:2]
+    ex = vqa_train_examples(bench.forget)[:2] + vqa_train_examples(bench.retain)[:1]
     batch = encode_for_loss(
         processor, [e.question for e in ex], [e.image for e in ex], [e.answer for e in ex]
     )
@@ -65,9 +65,8 @@ def _loss_and_grads(fn, model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss.detach(), grads
 
 
-CASES = [
+CASES = [  # GradDiff's losses are GA's and MMUnlearner's with another scale: not repeated
     ("ga", "forget"),
-    ("graddiff", "retain"),
     ("kl_min", "retain"),
     ("npo", "forget"),
     ("mmunlearner", "retain"),
@@ -124,7 +123,7 @@ def test_scores_equal_the_logits_formulas(setup):
 def test_answer_nll_with_skipped_ids_equals_relabelled_logits(setup):
     model, _, processor, _, ex = setup
     answers = [e.answer for e in ex]
-    skip = [[], list(range(0, 400, 2)), [], [], [7]]
+    skip = [[], list(range(0, 400, 2)), [7]]
     got = answer_nll(model, processor, ex, answers, 2, INFO, skip_ids=skip)
     batch = encode_for_loss(processor, [e.question for e in ex], [e.image for e in ex], answers)
     labels = batch["labels"].clone()
