@@ -269,3 +269,30 @@ def test_plan_bad_input(args, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dsunlearn: error:") and message in err[0], err
+
+
+REAL_SHAPES = (
+    Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "real_shapes_cpu.json"
+)
+STATE_KEYS = {"params": "param_bytes", "grads": "grad_bytes", "optimizer": "optim_bytes"}
+
+
+def test_plan_matches_the_measured_real_shape_runs():
+    """`benchmarks/real_shapes.py` measured each published architecture (cut in depth) on 2
+    ZeRO-3 ranks: the plan's model-state categories must be within 10% of the bytes each rank
+    held, for the plan as it is now (the recorded JSON against the current formulas)."""
+    import json
+
+    from benchmarks.real_shapes import plan_for
+
+    data = json.loads(REAL_SHAPES.read_text())
+    measured_models = [n for n, r in data["models"].items() if "ranks" in r.get("main", {})]
+    assert measured_models, "no model measured in " + str(REAL_SHAPES)
+    for name in measured_models:
+        ranks = data["models"][name]["main"]["ranks"]
+        plan = plan_for(name, ranks[0], data["text_layers"], data["vision_layers"])["plain"]
+        for rank in ranks:
+            got = {k: rank["model_states"][v] for k, v in STATE_KEYS.items()}
+            got["reference"] = rank["reference_bytes"]
+            for key, value in got.items():
+                assert value == pytest.approx(plan[key], rel=0.10), (name, rank["rank"], key)
