@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_logits_memory.py [--bt 4096] [--vocab 151936]
         [--hidden 3584] [--dtypes fp32,bf16] [--variants ce-eager,ce-chunked,...]
-        [--repeats 1] [--chunk-rows R] [--out benchmarks/results/logits_memory_cpu.json]
+        [--repeats 1] [--chunk-rows R] [--device cpu|cuda]
+        [--out benchmarks/results/logits_memory_<device>.json]
 
 Defaults are Qwen2-VL-7B's head (V = 151,936, H = 3584) at B*T = 4096 answer tokens. The eager
 variants then need about 10 GB (fp32 CE) to 15 GB (fp32 KL) of RAM besides their inputs: run it
@@ -67,7 +68,7 @@ VARIANTS = ("ce-eager", "ce-chunked", "ce-recompute", "kl-eager", "kl-chunked")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")
-OUT = REPO / "benchmarks" / "results" / "logits_memory_cpu.json"
+RESULTS = REPO / "benchmarks" / "results"
 CPU = torch.device("cpu")
 
 
@@ -110,23 +111,28 @@ def randn_(out: torch.Tensor, g: torch.Generator, std: float, rows: int = 4096) 
     return out
 
 
-def make_inputs(variant: str, n: int, vocab: int, hid: int, dtype) -> dict:
+def make_inputs(variant: str, n: int, vocab: int, hid: int, dtype, device=CPU) -> dict:
     g = torch.Generator().manual_seed(0)
+
+    def empty(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, device=device)
+
     x = {
-        "h": randn_(torch.empty(n, hid, dtype=dtype), g, 1.0).requires_grad_(),
-        "weight": randn_(torch.empty(vocab, hid, dtype=dtype), g, hid**-0.5).requires_grad_(),
-        "labels": torch.randint(0, vocab, (n,), generator=g),
-        "w": torch.full((n,), 1.0 / n),
+        "h": randn_(empty(n, hid), g, 1.0).requires_grad_(),
+        "weight": randn_(empty(vocab, hid), g, hid**-0.5).requires_grad_(),
+        "labels": torch.randint(0, vocab, (n,), generator=g).to(device),
+        "w": torch.full((n,), 1.0 / n, device=device),
     }
     if variant.startswith("kl"):
-        x["ref_h"] = randn_(torch.empty(n, hid, dtype=dtype), g, 1.0)
-        x["ref_weight"] = randn_(torch.empty(vocab, hid, dtype=dtype), g, hid**-0.5)
+        x["ref_h"] = randn_(empty(n, hid), g, 1.0)
+        x["ref_weight"] = randn_(empty(vocab, hid), g, hid**-0.5)
     return x
 
 
 def loss_of(variant: str, x: dict, chunk: int | None) -> torch.Tensor:
     h, weight, labels, w = x["h"], x["weight"], x["labels"], x["w"]
-    kw = dict(backend="torch", chunk_size=chunk)
+    # CPU: the chunked torch path; CUDA: the ops' own pick (Triton where it is importable).
+    kw = dict(backend="torch" if h.device.type == "cpu" else None, chunk_size=chunk)
     if variant == "ce-eager":
         z = F.linear(h, weight).float()
         return (w * F.cross_entropy(z, labels, reduction="none")).sum()
@@ -147,16 +153,35 @@ def loss_of(variant: str, x: dict, chunk: int | None) -> torch.Tensor:
 
 
 def child(
-    variant: str, dtype_name: str, n: int, vocab: int, hid: int, repeats: int, chunk: int | None
+    variant: str,
+    dtype_name: str,
+    n: int,
+    vocab: int,
+    hid: int,
+    repeats: int,
+    chunk: int | None,
+    device: torch.device = CPU,
 ) -> dict:
     dtype = DTYPES[dtype_name]
-    x = make_inputs(variant, n, vocab, hid, dtype)
+    x = make_inputs(variant, n, vocab, hid, dtype, device)
     gc.collect()
     times, peaks, before = [], [], 0
     loss = None
+    cuda = device.type == "cuda"
     for _ in range(repeats):
         x["h"].grad = x["weight"].grad = None
         gc.collect()
+        if cuda:  # the allocator's own count: allocated bytes above the inputs
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            loss = loss_of(variant, x, chunk)
+            loss.backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+            continue
         before = rss()
         with PeakSampler() as sampler:
             t0 = time.perf_counter()
@@ -172,7 +197,8 @@ def child(
         "N": n,
         "V": vocab,
         "H": hid,
-        "chunk_rows": None if "eager" in variant else chunk or default_chunk(n, vocab, CPU),
+        "device": str(device),
+        "chunk_rows": None if "eager" in variant else chunk or default_chunk(n, vocab, device),
         "loss": float(loss),
         "time_s": sorted(times)[len(times) // 2],
         "times_s": times,
@@ -191,7 +217,7 @@ def child(
 def run_child(args: argparse.Namespace, variant: str, dtype: str) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--dtypes", dtype]
     cmd += ["--bt", str(args.bt), "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
-    cmd += ["--repeats", str(args.repeats)]
+    cmd += ["--repeats", str(args.repeats), "--device", args.device]
     if args.chunk_rows:
         cmd += ["--chunk-rows", str(args.chunk_rows)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
@@ -228,12 +254,13 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--repeats", type=int, default=1, help="steps per run (median time)")
     ap.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk (ops' default)")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--out", type=Path, help="default benchmarks/results/logits_memory_<dev>.json")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         sizes = (args.bt, args.vocab, args.hidden, args.repeats, args.chunk_rows)
-        res = child(args.child, args.dtypes, *sizes)
+        res = child(args.child, args.dtypes, *sizes, torch.device(args.device))
         print(json.dumps(res))
         return
 
@@ -249,14 +276,24 @@ def main() -> None:
         "benchmark": "logits_memory",
         "date": date.today().isoformat(),
         "command": "benchmarks/bench_logits_memory.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, "
+            + (torch.cuda.get_device_name(0) if args.device == "cuda" else "no GPU")
+        ),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "sizes": {"N": args.bt, "V": args.vocab, "H": args.hidden},
-        "chunk_rows": args.chunk_rows or default_chunk(args.bt, args.vocab, CPU),
+        "chunk_rows": args.chunk_rows
+        or default_chunk(args.bt, args.vocab, torch.device(args.device)),
         "method": (
-            "each (variant, dtype) in a fresh subprocess, MALLOC_MMAP_THRESHOLD_=131072; RSS "
-            "(/proc/self/statm) sampled every 2 ms by a thread over one forward+backward"
+            "each (variant, dtype) in a fresh subprocess; "
+            + (
+                "torch.cuda.max_memory_allocated above memory_allocated after "
+                "reset_peak_memory_stats, over one forward+backward (synchronized)"
+                if args.device == "cuda"
+                else "MALLOC_MMAP_THRESHOLD_=131072; RSS (/proc/self/statm) sampled every 2 ms "
+                "by a thread over one forward+backward"
+            )
         ),
         "definitions": {
             "rss_before_mib": "RSS with the inputs made, just before the step",
@@ -272,6 +309,7 @@ def main() -> None:
         "ratios": ratios(rows),
         "total_wall_s": round(time.time() - t0, 1),
     }
+    args.out = args.out or RESULTS / f"logits_memory_{args.device}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
