@@ -34,7 +34,7 @@ Counted, per run (MiB):
   outputs       bytes the step must leave behind: grad of h (N x H) + grad of W (V x H), in the
                 inputs' dtype, + the loss (the reference gets no gradient)
   transient     peak_extra - outputs: everything else at the peak (logits buffers, softmax
-                temporaries, the fp32 dW accumulator of a bf16 run, allocator slack)
+                temporaries, allocator slack)
   ru_maxrss_extra  ru_maxrss (the kernel's high-water mark) - rss_before: a check on sampling
 The JSON's ratios: chunked time / eager time and chunked transient / eager transient, per dtype.
 """
@@ -299,8 +299,7 @@ def main() -> None:
             "rss_before_mib": "RSS with the inputs made, just before the step",
             "peak_extra_mib": "max sampled RSS during the step - rss_before",
             "outputs_mib": "grad of h (N x H) + grad of W (V x H) in the inputs' dtype",
-            "transient_mib": "peak_extra - outputs (logits buffers, temporaries, fp32 dW "
-            "accumulator of a bf16 run, allocator slack)",
+            "transient_mib": "peak_extra - outputs (logits buffers, temporaries, allocator slack)",
             "ru_maxrss_extra_mib": "kernel high-water mark - rss_before (check on sampling)",
             "time_s": "median wall time of the forward+backward over --repeats steps",
             "targets": "chunked: time <= 1.3 x eager, transient <= 0.2 x eager",

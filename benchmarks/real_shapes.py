@@ -442,17 +442,27 @@ def rank_main(args: argparse.Namespace) -> None:
         steps[mname] = {"iteration_s": dt, "peak_above_states_mib": p.peak() / MIB, **extra}
     rec["steps"] = steps
     rec["model_states"] = count_zero3_bytes(engine)
+    out = Path(args.out).with_suffix(f".rank{info.rank}.json")
+    out.write_text(json.dumps(rec))  # the steps stand if the evaluation batch dies
 
     if args.part == "mmu":  # one evaluation batch (option scoring, 2 items per rank), here
-        # where no reference engine takes room
+        # where no reference engine takes room; the saliency scores and mask go first (the
+        # 128k-152k-vocabulary models were OOM-killed here with them still held)
+        del method
+        gc.collect()
+        Peak().start()  # gc + hands the freed heap back to the OS
+        if info.rank == 0:
+            rss = Path("/proc/self/statm").read_text().split()[1]
+            print(f"real_shapes {name} evaluation batch +{time.time() - t0:.0f} s, rss pages {rss}")
         r0 = bench.forget[0]
         items = [SimpleNamespace(question=m.question, options=m.options, image=r0.images[0],
-                                 answer_index=m.answer_index) for m in r0.mc_image[:4]]  # fmt: skip
+                                 answer_index=m.answer_index) for m in r0.mc_image[:args.eval_items]]  # fmt: skip
+        rec["eval_items"] = len(items)
         tick = time.time()
-        option_scores(engine.module, processor, items, 2, info)
+        option_scores(engine.module, processor, items, max(1, len(items) // 2), info)
         rec["eval_batch_s"] = time.time() - tick
     rec["total_s"] = round(time.time() - t0, 1)
-    Path(args.out).with_suffix(f".rank{info.rank}.json").write_text(json.dumps(rec))
+    out.write_text(json.dumps(rec))
     torch.distributed.barrier()
     exit_process(0)
 
@@ -492,13 +502,13 @@ def plan_for(name: str, main: dict[str, Any], text_layers: int, vision_layers: i
     }
 
 
-def eval_s(r: dict[str, Any]) -> float:
-    """The evaluation batch's seconds, from whichever part ran it."""
+def eval_cell(r: dict[str, Any]) -> str:
+    """The evaluation batch's seconds and items, from whichever part ran it."""
     for part in PARTS:
         for rank in r.get(part, {}).get("ranks", [])[:1]:
             if "eval_batch_s" in rank:
-                return rank["eval_batch_s"]
-    return float("nan")
+                return f"{rank['eval_batch_s']:.1f} ({rank.get('eval_items', 4)} items)"
+    return "-"
 
 
 def markdown(out: dict[str, Any]) -> str:
@@ -559,7 +569,7 @@ def markdown(out: dict[str, Any]) -> str:
         rows_time.append(
             f"| {name} | "
             + " | ".join(f"{times[k]:.1f}" if k in times else "-" for k in METHODS)
-            + f" | {eval_s(r):.1f} |"
+            + f" | {eval_cell(r)} |"
         )
     return "\n\n".join("\n".join(t) for t in (rows_states, rows_mem, rows_time))
 
@@ -571,13 +581,29 @@ def main() -> None:
     ap.add_argument("--vision-layers", type=int, default=2)
     ap.add_argument("--logit-rows", type=int, default=0, help="0: every position of the batch")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument(
+        "--eval-items",
+        type=int,
+        default=4,
+        help="multiple-choice items (4 options each) in the evaluation batch, split "
+        "over the 2 ranks",
+    )
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--bench", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
-    ap.add_argument("--merge", action="store_true", help="keep the other models of --out")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep what --out has of other models and other parts"
+    )
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=list(PARTS),
+        choices=PARTS,
+        help="launches to run (main is where the plan comes from)",
+    )
     ap.add_argument("--table", action="store_true", help="print --out's tables and exit")
     args, _ = ap.parse_known_args()
     if args.rank:
@@ -595,7 +621,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bench = build_benchmark(Path(tmp) / "b6", seed=0, entities=6)
         for name in args.models:
-            results[name] = measure(name, args, bench, Path(tmp))
+            results[name] = results.get(name, {}) | measure(name, args, bench, Path(tmp))
             write(args, results)  # after each model: a crash keeps the models before it
     out = write(args, results)
     print(summary(out))
@@ -612,7 +638,7 @@ def launch_part(name: str, part: str, args: argparse.Namespace, bench: Path, tmp
     cmd += [__file__, "--rank", "--part", part, "--model", name, "--bench", str(bench)]
     cmd += ["--work", str(tmp), "--out", str(raw), "--logit-rows", str(args.logit_rows)]
     cmd += ["--text-layers", str(args.text_layers), "--vision-layers", str(args.vision_layers)]
-    cmd += ["--methods", *args.methods]
+    cmd += ["--methods", *args.methods, "--eval-items", str(args.eval_items)]
     env = launch_env(2) | {
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO),
@@ -620,10 +646,13 @@ def launch_part(name: str, part: str, args: argparse.Namespace, bench: Path, tmp
     }
     tick = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env)
+    files = [raw.with_suffix(f".rank{r}.json") for r in (0, 1)]
+    out: dict[str, Any] = {"wall_s": round(time.time() - tick, 1)}
     if proc.returncode != 0:
-        return {"error": f"{part}: exit {proc.returncode}"}
-    ranks = [json.loads(raw.with_suffix(f".rank{r}.json").read_text()) for r in (0, 1)]
-    return {"wall_s": round(time.time() - tick, 1), "ranks": ranks}
+        out["error"] = f"{part}: exit {proc.returncode}"
+    if all(f.is_file() for f in files):  # written before the evaluation batch: kept on error
+        out["ranks"] = [json.loads(f.read_text()) for f in files]
+    return out
 
 
 def measure(name: str, args: argparse.Namespace, bench: Path, tmp: Path) -> dict[str, Any]:
@@ -633,10 +662,10 @@ def measure(name: str, args: argparse.Namespace, bench: Path, tmp: Path) -> dict
     models' heads gathered for its fused loss) and MMUnlearner without the reference engine (it
     never uses it): its saliency pass and masked step."""
     out: dict[str, Any] = {}
-    for part in PARTS:
+    for part in args.parts:
         if part == "main" or any(part_of(m) == part for m in args.methods):
             out[part] = launch_part(name, part, args, bench, tmp)
-    if "ranks" in out["main"]:
+    if "ranks" in out.get("main", {}):
         try:
             out["plan"] = plan_for(name, out["main"]["ranks"][0], args.text_layers,
                                    args.vision_layers)  # fmt: skip

@@ -157,8 +157,8 @@ def logits_bytes(wl: Workload, per_rank: float) -> float:
     In chunks of c rows (`kernels/chunked_head.py`, `models/lm_head.py`): per chunk row 8·V for
     the trained side (bf16 logits, fp32 z overwritten by dL/dz, its bf16 copy for dL/dh) and 6·V
     for the reference (bf16, fp32); the head gathered whole for the op (p·V·h, held until the
-    backward; the reference's too while its op runs); the fp32 head-gradient accumulator 4·V·h
-    when the head trains; and dL/dh, p·b·s·h."""
+    backward; the reference's too while its op runs); the head-gradient accumulator, p·V·h in
+    the weight's dtype, when the head trains; and dL/dh, p·b·s·h."""
     sh = wl.shape
     rows = per_rank * (wl.text_tokens + wl.images * sh.image.text)
     ref = wl.reference_forward
@@ -169,7 +169,7 @@ def logits_bytes(wl: Workload, per_rank: float) -> float:
     out = (8 + (6 if ref else 0)) * min(rows, chunk) * sh.vocab
     out += head * (2 if ref else 1) + wl.dtype_bytes * rows * sh.hidden
     if wl.head_trainable:
-        out += 4 * sh.vocab * sh.hidden
+        out += head
     return out
 
 

@@ -3,8 +3,8 @@
 An op maps h [N, H] to z = h W^T + b [N, V] (and, for ops against a frozen reference model,
 r = ref_h Wr^T + br) and on to a few per-row statistics (log p of the label, a KL, ...). The [N, V]
 logits are never built for all rows at once: rows go in chunks of about `CHUNK_ELEMS` fp32
-logits (64 MiB on a GPU; 256 MiB on CPU, where each chunk's rank-c update of the fp32 dW costs a
-full pass over V x H of memory traffic, so fewer chunks pay); each chunk's logits are made, handed to the op's row function (a Triton kernel or plain
+logits (64 MiB on a GPU; 256 MiB on CPU, where each chunk's rank-c update of dW costs a full
+pass over V x H of memory traffic, so fewer chunks pay); each chunk's logits are made, handed to the op's row function (a Triton kernel or plain
 torch: the backends differ only there) and dropped. Peak extra memory is a few [chunk, V] fp32
 buffers plus the gradients themselves.
 
@@ -98,8 +98,11 @@ def _sweep(
     need_b = need_b and bias is not None
     stats = torch.empty(n, op.n_stats, dtype=torch.float32, device=dev)
     grad_h = torch.empty_like(h) if need_h else None
-    # dW sums partials over chunks, which cancel: bf16 partials lose too much, so fp32.
-    grad_w = torch.zeros(vocab, hid, dtype=torch.float32, device=dev) if need_w else None
+    # dW is accumulated in the weight's dtype, the dtype it is returned in: an fp32 accumulator
+    # for a bf16 head is V x H x 4 bytes more (2.0 GiB at Qwen2-VL-7B's) and its updates run at
+    # fp32 GEMM speed. Each chunk's update is summed in fp32 inside the GEMM; bf16 rounds once
+    # per chunk (a few chunks: see test_bf16_dw_error_stays_near_eager's).
+    grad_w = torch.zeros(vocab, hid, dtype=weight.dtype, device=dev) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
     chunk = int(op.chunk_size) if op.chunk_size else default_chunk(n, vocab, dev)
     for s in range(0, n, chunk):
@@ -113,10 +116,12 @@ def _sweep(
         rows = tuple(x[s:e] for x in op.rows)
         stats[s:e], dz = op.row_fn(z, r, rows, coefs[s:e] if with_grad else None)
         del z, r
-        if need_h:  # dh rows are written once, so the input dtype suffices
-            grad_h[s:e] = dz.to(weight.dtype) @ weight
+        if need_h or need_w:  # the GEMMs run in the weight's dtype, as eager autograd's do
+            dz_w = dz.to(weight.dtype)
+        if need_h:
+            grad_h[s:e] = dz_w @ weight
         if need_w:
-            grad_w.addmm_(dz.t(), h_c.float())
+            grad_w.addmm_(dz_w.t(), h_c.to(weight.dtype))
         if need_b:
             grad_b += dz.sum(0)
     return stats, grad_h, grad_w, grad_b

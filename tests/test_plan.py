@@ -180,10 +180,10 @@ def test_plan_matches_scaling_doc():
     both = plan_categories(wl, w, True, "optimizer+param")
     assert both["params"] == both["reference"] == 0
     assert round(both["host"] * 8 / GIB, 1) == 143.4  # 8 x 22 psi / W (reference offloaded)
-    # Chunked: (8 + 6) x c x V + the gathered heads (2 x 2 V h) + dL/dh + the fp32 head gradient
+    # Chunked: (8 + 6) x c x V + the gathered heads (2 x 2 V h) + dL/dh + the bf16 head gradient
     chunked = plan_categories(Workload(**{**wl.__dict__, "chunk_rows": 512}), w, True)
     v, h = 32000, 4096
-    assert chunked["logits"] == 14 * 512 * v + 2 * 2 * v * h + 2 * 2048 * h + 4 * v * h
+    assert chunked["logits"] == 14 * 512 * v + 2 * 2 * v * h + 2 * 2048 * h + 2 * v * h
 
 
 def test_saliency_and_mask_terms():
