@@ -261,11 +261,10 @@ def test_cpu_adam_continues_a_loaded_state_bit_for_bit(monkeypatch):
     exactly. Stock DeepSpeedCPUAdam does not (its third step's bias correction differs)."""
     import copy
 
+    import cpuinfo
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     from dsunlearn.engine.engine import _load_cpu_adam_op, _resume_exact_cpu_adam
-
-    import cpuinfo
 
     _load_cpu_adam_op()
     # DeepSpeedCPUAdam asks py-cpuinfo on construction (about 1 s each time): answer from one
