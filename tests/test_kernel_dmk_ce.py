@@ -196,7 +196,11 @@ def compare(inp, dtype, reduction="mean", chunk_size=None, alpha=0.9, beta=0.75,
         if inp[k] is None:
             continue
         assert inp[k].grad.dtype == dtype and torch.isfinite(inp[k].grad).all()
-        torch.testing.assert_close(inp[k].grad.float(), ref_inp[k].grad.float(), **tol)
+        # A bf16 weight gradient is summed over the chunks in bf16 (one rounding per chunk, on
+        # partial sums that may cancel): 2x the atol elementwise. Its norm-wise error is
+        # bounded in test_kernel_head_ops.py::test_bf16_weight_gradient_error_stays_near_eager.
+        k_tol = dict(tol, atol=1e-2) if k == "weight" and dtype == torch.bfloat16 else tol
+        torch.testing.assert_close(inp[k].grad.float(), ref_inp[k].grad.float(), **k_tol)
     for k in ("ref_h", "ref_weight", "ref_bias"):
         assert inp[k] is None or inp[k].grad is None
     return got, want
