@@ -38,15 +38,25 @@ def test_offload_configs_are_the_plain_ones_plus_offload():
     assert not offloads_optimizer({"zero_optimization": {"offload_optimizer": {"device": "none"}}})
 
 
-def test_unbuildable_cpu_adam_stops_with_one_line(monkeypatch, tmp_path):
-    """No C++ compiler (and an empty extension cache): one line that names it."""
+def _isolated_build(monkeypatch, tmp_path) -> None:
+    """A CPU Adam load into an empty cache of its own, forgotten after the test: torch's JIT
+    versioner remembers every (sources, flags, folder) it saw per process, and a second load
+    from the real cache would then build `cpu_adam_v1` there (the next rank rebuilding it as
+    `cpu_adam`: about 40 s each, twice in every suite run)."""
     from deepspeed.ops.op_builder.builder import OpBuilder
-
-    from dsunlearn.engine.engine import _load_cpu_adam_op
+    from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.setenv("CXX", "/nonexistent/g++")
     monkeypatch.delitem(OpBuilder._loaded_ops, "cpu_adam", raising=False)
+    monkeypatch.setattr(JIT_EXTENSION_VERSIONER, "entries", {})
+
+
+def test_unbuildable_cpu_adam_stops_with_one_line(monkeypatch, tmp_path):
+    """No C++ compiler (and an empty extension cache): one line that names it."""
+    from dsunlearn.engine.engine import _load_cpu_adam_op
+
+    _isolated_build(monkeypatch, tmp_path)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
     with pytest.raises(ConfigError) as err:
         _load_cpu_adam_op()
     message = str(err.value)
@@ -59,12 +69,9 @@ def test_a_lock_left_by_a_killed_build_stops_with_one_line(monkeypatch, tmp_path
     """torch waits forever on the lock file of a build that was killed: name it instead."""
     import os
 
-    from deepspeed.ops.op_builder.builder import OpBuilder
-
     from dsunlearn.engine.engine import _load_cpu_adam_op
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.delitem(OpBuilder._loaded_ops, "cpu_adam", raising=False)
+    _isolated_build(monkeypatch, tmp_path)
     lock = tmp_path / "ext" / "cpu_adam" / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
