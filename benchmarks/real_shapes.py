@@ -335,6 +335,7 @@ def logits_probe(engine: Any, batch: dict[str, Any], n_labels: int, logit_rows: 
 
 
 def rank_main(args: argparse.Namespace) -> None:
+    from benchmarks.bench_saliency import release_free_heap
     from benchmarks.bench_zero3_memory import count_zero3_bytes, tensor_bytes
     from dsunlearn.config import DataConfig, MaskConfig, MethodConfig, ModelConfig, OptimConfig
     from dsunlearn.data.examples import vqa_train_examples
@@ -445,12 +446,12 @@ def rank_main(args: argparse.Namespace) -> None:
     out = Path(args.out).with_suffix(f".rank{info.rank}.json")
     out.write_text(json.dumps(rec))  # the steps stand if the evaluation batch dies
 
-    if args.part == "mmu":  # one evaluation batch (option scoring, 2 items per rank), here
-        # where no reference engine takes room; the saliency scores and mask go first (the
-        # 128k-152k-vocabulary models were OOM-killed here with them still held)
+    if args.part == "mmu":  # one evaluation batch (option scoring, --eval-items over the two
+        # ranks), here where no reference engine takes room; the saliency scores and mask go
+        # first (the 128k-152k-vocabulary models were OOM-killed here with them still held)
         del method
         gc.collect()
-        Peak().start()  # gc + hands the freed heap back to the OS
+        release_free_heap()
         if info.rank == 0:
             rss = Path("/proc/self/statm").read_text().split()[1]
             print(f"real_shapes {name} evaluation batch +{time.time() - t0:.0f} s, rss pages {rss}")

@@ -4,8 +4,9 @@ An op maps h [N, H] to z = h W^T + b [N, V] (and, for ops against a frozen refer
 r = ref_h Wr^T + br) and on to a few per-row statistics (log p of the label, a KL, ...). The [N, V]
 logits are never built for all rows at once: rows go in chunks of about `CHUNK_ELEMS` fp32
 logits (64 MiB on a GPU; 256 MiB on CPU, where each chunk's rank-c update of dW costs a full
-pass over V x H of memory traffic, so fewer chunks pay); each chunk's logits are made, handed to the op's row function (a Triton kernel or plain
-torch: the backends differ only there) and dropped. Peak extra memory is a few [chunk, V] fp32
+pass over V x H of memory traffic, so fewer chunks pay); each chunk's logits are made, handed to
+the op's row function (a Triton kernel or plain torch: the backends differ only there) and
+dropped. Peak extra memory is a few [chunk, V] fp32
 buffers plus the gradients themselves.
 
 Outputs are per token, and what the loss does with them may be nonlinear (NPO takes a logsigmoid
@@ -101,7 +102,7 @@ def _sweep(
     # dW is accumulated in the weight's dtype, the dtype it is returned in: an fp32 accumulator
     # for a bf16 head is V x H x 4 bytes more (2.0 GiB at Qwen2-VL-7B's) and its updates run at
     # fp32 GEMM speed. Each chunk's update is summed in fp32 inside the GEMM; bf16 rounds once
-    # per chunk (a few chunks: see test_bf16_dw_error_stays_near_eager's).
+    # per chunk (test_bf16_weight_gradient_error_stays_near_eager bounds the error).
     grad_w = torch.zeros(vocab, hid, dtype=weight.dtype, device=dev) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
     chunk = int(op.chunk_size) if op.chunk_size else default_chunk(n, vocab, dev)

@@ -261,17 +261,13 @@ def test_cpu_adam_continues_a_loaded_state_bit_for_bit(monkeypatch):
     exactly. Stock DeepSpeedCPUAdam does not (its third step's bias correction differs)."""
     import copy
 
-    import cpuinfo
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     from dsunlearn.engine.engine import _load_cpu_adam_op, _resume_exact_cpu_adam
 
     _load_cpu_adam_op()
-    # DeepSpeedCPUAdam asks py-cpuinfo on construction (about 1 s each time): answer from one
-    # real call. The answer must be the real one: the op's build flags (-D__AVX512__ ...) come
-    # from it, and a different answer rebuilt the op here and again in the next test (40 s each).
-    info = cpuinfo.get_cpu_info()
-    monkeypatch.setattr("cpuinfo.get_cpu_info", lambda: info)
+    # DeepSpeedCPUAdam asks py-cpuinfo for the vendor on construction (about 1 s each time).
+    monkeypatch.setattr("cpuinfo.get_cpu_info", lambda: {"vendor_id_raw": "any"})
     gen = torch.Generator().manual_seed(0)
     w0 = torch.randn(4096, generator=gen)
     grads = [torch.randn(4096, generator=gen) for _ in range(4)]
