@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dsunlearn-installed
+# pytest-xdist workers; a file's tests stay on one worker (module fixtures, the Slurm cluster).
+# A rank spends much of its life importing or waiting on a collective: two workers keep 2 cores busy.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint venv clean
 
@@ -33,7 +36,7 @@ test: lint
 		  apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>&1; } || \
 		echo "could not install slurm-wlm and munge: tests/test_slurm.py will skip"; \
 	fi
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs data

@@ -33,7 +33,7 @@ QUANT = ["torchao==0.18.0"]
 TRACKING = ["wandb>=0.19.10"]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff==0.17.6", *TRACKING],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff==0.17.6", *TRACKING],
     "gpu": ["flash-attn>=2.6", "liger-kernel>=0.6"],
     "tracking": TRACKING,
     "quant": QUANT,

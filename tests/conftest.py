@@ -13,6 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 DS_CONFIG = str(REPO / "configs" / "deepspeed" / "zero3_cpu.json")
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test` runs 2 workers), a worker's in-process torch gets its
+    share of the cores: two workers each spinning all cores' OpenMP threads made an in-process
+    training test 8x slower. (Subprocesses get OMP_NUM_THREADS from `cli_env`.)"""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """`pytest -m gpu` is the single-GPU fallback: every test parametrised on the "cuda"
     device (the kernels compiled, not interpreted) joins the tests marked `gpu` by hand."""
