@@ -152,6 +152,7 @@ def _dmk_ce_row_kernel(
     ce_ptr,  # [rows] fp32 out: per-row CE (0 on ignored rows)
     kl_ptr,  # [rows] fp32 out: per-row masked KL (0 off the KL rows)
     scale_ptr,  # [rows, 2] fp32: gradient weights of the row's CE and KL (read when WRITE_GRAD)
+    ref_shift,  # fp32: subtracted from r[label] of each valid row (UNDIAL's adjusted teacher)
     V,
     ignore_index,
     BLOCK_V: tl.constexpr,
@@ -177,6 +178,7 @@ def _dmk_ce_row_kernel(
         inb = offs < V
         z = tl.load(z_row + offs, mask=inb, other=0.0)
         r = tl.load(r_row + offs, mask=inb, other=0.0)
+        r = tl.where(valid & (offs == label), r - ref_shift, r)
         keep = tl.load(drop_ptr + offs, mask=inb, other=1) == 0  # False past V
         z_inf = tl.where(inb, z, float("-inf"))  # padding lanes add exp(-inf) = 0
         r_inf = tl.where(inb, r, float("-inf"))
@@ -207,6 +209,7 @@ def _dmk_ce_row_kernel(
             inb = offs < V
             z = tl.load(z_row + offs, mask=inb, other=0.0)
             r = tl.load(r_row + offs, mask=inb, other=0.0)
+            r = tl.where(valid & (offs == label), r - ref_shift, r)
             keep = tl.load(drop_ptr + offs, mask=inb, other=1) == 0
             q = tl.exp(z - lse_z)
             p = tl.where(keep, tl.exp(r - lse_r), 0.0)
@@ -220,7 +223,7 @@ def _row_kernel():
     return jit_once(_dmk_ce_row_kernel)
 
 
-def _triton_rows(drop: torch.Tensor) -> ch.RowFn:
+def _triton_rows(drop: torch.Tensor, ref_shift: float) -> ch.RowFn:
     def rows_fn(z, r, rows, coefs):
         labels, kl_rows = rows
         c, vocab = z.shape
@@ -228,7 +231,7 @@ def _triton_rows(drop: torch.Tensor) -> ch.RowFn:
         scales = out if coefs is None else coefs.contiguous()  # unread without WRITE_GRAD
         _row_kernel()[(c,)](
             z, r, z.stride(0), r.stride(0), labels.contiguous(), kl_rows.contiguous(), drop,
-            out[0], out[1], scales, vocab, IGNORE_INDEX,
+            out[0], out[1], scales, float(ref_shift), vocab, IGNORE_INDEX,
             BLOCK_V=min(triton.next_power_of_2(vocab), _MAX_BLOCK_V), WRITE_GRAD=coefs is not None,
         )  # fmt: skip
         return out.t(), z
@@ -236,7 +239,7 @@ def _triton_rows(drop: torch.Tensor) -> ch.RowFn:
     return rows_fn
 
 
-def _torch_rows(drop: torch.Tensor) -> ch.RowFn:
+def _torch_rows(drop: torch.Tensor, ref_shift: float) -> ch.RowFn:
     keep = drop == 0
 
     def rows_fn(z, r, rows, coefs):
@@ -247,6 +250,8 @@ def _torch_rows(drop: torch.Tensor) -> ch.RowFn:
         lse_z = torch.logsumexp(z, dim=1, keepdim=True)
         ce = lse_z.squeeze(1) - z.gather(1, safe[:, None]).squeeze(1)
         log_q = z.sub_(lse_z)  # in place: z is ours and dies with the chunk
+        if ref_shift:  # r is ours too
+            r.scatter_add_(1, safe[:, None], (-ref_shift * valid.float())[:, None])
         log_p = r.sub_(torch.logsumexp(r, dim=1, keepdim=True))
         p = log_p.exp().mul_(keep)  # dropped ids zeroed in p, and so in every KL term
         kl = (p * (log_p - log_q)).sum(dim=1)
@@ -271,12 +276,14 @@ def kl_ce_op(
     drop_ids: torch.Tensor | Sequence[int] | None,
     vocab: int,
     chunk_size: int | None,
+    ref_shift: float = 0.0,
 ) -> ch.HeadOp:
-    """The chunked op whose stats are (CE, masked KL) per row and whose coefs are (a, b)."""
+    """The chunked op whose stats are (CE, masked KL) per row and whose coefs are (a, b).
+    `ref_shift` lowers the reference's logit of each valid row's label before its softmax."""
     dev = labels.device
     drop = torch.zeros(vocab, dtype=torch.int8, device=dev)
     drop[_as_drop_ids(drop_ids, dev)] = 1
-    rows_fn = (_triton_rows if backend == "triton" else _torch_rows)(drop)
+    rows_fn = (_triton_rows if backend == "triton" else _torch_rows)(drop, ref_shift)
     rows = (labels.to(torch.long).contiguous(), kl_rows.to(torch.int8).contiguous())
     return ch.HeadOp(rows_fn, 2, 2, rows, ref=ref, chunk_size=chunk_size)
 

@@ -6,7 +6,8 @@ reference, p = softmax(r)), both over the FULL vocabulary:
     ce_i = -log q[labels_i],   kl_i = sum_v p_v (log p_v - log q_v)    (both 0 where labels_i == -100)
 
 Both come from one sweep over the logits, so a loss that needs both (KL_Min's retain step) makes
-each chunk's logits once. The row math is the Dual Masked KL's (`kernels.dual_masked_kl_ce`) with
+each chunk's logits once. With `ref_shift` = g the reference is UNDIAL's adjusted teacher,
+p = softmax(r - g * onehot(labels_i)): its own prediction with the label's logit lowered. The row math is the Dual Masked KL's (`kernels.dual_masked_kl_ce`) with
 no token mask and no vocabulary mask; chunking and the two backward modes are
 `kernels.chunked_head`'s. Gradients reach h, weight and bias; the reference side gets none.
 """
@@ -23,14 +24,16 @@ IGNORE_INDEX = ch.IGNORE_INDEX
 
 
 def kl_ce_from_logits(
-    z: torch.Tensor, r: torch.Tensor, labels: torch.Tensor
+    z: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_shift: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ce, kl) per row [N] fp32 from materialised logits z, r [N, V]: the ground truth."""
     log_q = torch.log_softmax(z.float(), dim=-1)
-    with torch.no_grad():
-        log_p = torch.log_softmax(r.float(), dim=-1)
     valid = labels != IGNORE_INDEX
     safe = torch.where(valid, labels, torch.zeros_like(labels))
+    with torch.no_grad():
+        r = r.float().clone()
+        r[valid, safe[valid]] -= ref_shift
+        log_p = torch.log_softmax(r, dim=-1)
     ce = -log_q.gather(1, safe[:, None]).squeeze(1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     zero = torch.zeros_like(ce)
@@ -45,11 +48,12 @@ def linear_kl_ce_reference(
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
+    ref_shift: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch over full [N, V] logits of both models."""
     with torch.no_grad():
         r = F.linear(ref_h, ref_weight, ref_bias)
-    return kl_ce_from_logits(F.linear(h, weight, bias), r, labels)
+    return kl_ce_from_logits(F.linear(h, weight, bias), r, labels, ref_shift)
 
 
 def linear_kl_ce(
@@ -62,6 +66,7 @@ def linear_kl_ce(
     ref_bias: torch.Tensor | None = None,
     *,
     weights: torch.Tensor | None = None,
+    ref_shift: float = 0.0,
     chunk_size: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
@@ -76,14 +81,16 @@ def linear_kl_ce(
     backend = ch.resolve_backend(h, backend)
     labels = labels.to(device=h.device, dtype=torch.long)
     if backend == "eager":
-        ce, kl = linear_kl_ce_reference(h, weight, ref_h, ref_weight, labels, bias, ref_bias)
+        ce, kl = linear_kl_ce_reference(
+            h, weight, ref_h, ref_weight, labels, bias, ref_bias, ref_shift
+        )
         if weights is None:
             return ce, kl
         w = weights.to(ce)
         return (w[:, 0] * ce + w[:, 1] * kl).sum()
     ref = (ref_h, ref_weight, ref_bias)
     valid = labels != IGNORE_INDEX
-    op = kl_ce_op(backend, ref, labels, valid, None, weight.shape[0], chunk_size)
+    op = kl_ce_op(backend, ref, labels, valid, None, weight.shape[0], chunk_size, ref_shift)
     if weights is None:
         diff, _ = ch.per_row(op, h, weight, bias)
         return diff[:, 0], diff[:, 1]

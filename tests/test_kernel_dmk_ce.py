@@ -323,7 +323,8 @@ def test_kernel_compiles_for_sm90_without_gpu(block, tmp_path, monkeypatch):
 
     sig = {"z_ptr": "*fp32", "r_ptr": "*fp32", "z_stride": "i32", "r_stride": "i32"}
     sig |= {"labels_ptr": "*i64", "kl_row_ptr": "*i8", "drop_ptr": "*i8", "ce_ptr": "*fp32"}
-    sig |= {"kl_ptr": "*fp32", "scale_ptr": "*fp32", "V": "i32", "ignore_index": "i32"}
+    sig |= {"kl_ptr": "*fp32", "scale_ptr": "*fp32", "ref_shift": "fp32", "V": "i32"}
+    sig |= {"ignore_index": "i32"}
     sig |= {"BLOCK_V": "constexpr", "WRITE_GRAD": "constexpr"}
     consts = {"BLOCK_V": block, "WRITE_GRAD": True}
     src = ASTSource(fn=dmk._row_kernel(), signature=sig, constexprs=consts)

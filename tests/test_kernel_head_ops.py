@@ -14,7 +14,7 @@ import torch
 
 import kernels.dual_masked_kl_ce as dmk
 import kernels.linear_logprob as llp
-from kernels.linear_kl_ce import linear_kl_ce, linear_kl_ce_reference
+from kernels.linear_kl_ce import kl_ce_from_logits, linear_kl_ce, linear_kl_ce_reference
 from kernels.linear_logprob import linear_logprob, linear_logprob_reference, linear_logprob_stats
 from tests.conftest import rerun_under_interpreter
 
@@ -100,8 +100,21 @@ def _kl_ce(inp, backend, mode, chunk):
     return (c[:, 0] * ce + c[:, 1] * kl).sum()
 
 
+def _kl_ce_shifted(inp, backend, mode, chunk):
+    """UNDIAL's adjusted teacher: the reference's label logit lowered by 1.5."""
+    args = [inp[k] for k in ("h", "weight", "ref_h", "ref_weight", "labels", "bias")]
+    c = inp["coefs"]
+    if backend == "eager":
+        ce, kl = linear_kl_ce_reference(*args, ref_shift=1.5)
+        return (c[:, 0] * ce + c[:, 1] * kl).sum()
+    if mode == "weighted":
+        return linear_kl_ce(*args, weights=c, ref_shift=1.5, backend=backend, chunk_size=chunk)
+    ce, kl = linear_kl_ce(*args, ref_shift=1.5, backend=backend, chunk_size=chunk)
+    return (c[:, 0] * ce + c[:, 1] * kl).sum()
+
+
 @pytest.mark.parametrize("backend, dtype, n, v, hid, ref_hid, chunk", CASES)
-@pytest.mark.parametrize("op", [_lp, _kl_ce], ids=["logprob", "kl_ce"])
+@pytest.mark.parametrize("op", [_lp, _kl_ce, _kl_ce_shifted], ids=["logprob", "kl_ce", "shifted"])
 @pytest.mark.parametrize("mode", ["weighted", "per_row"])
 def test_op_matches_reference(monkeypatch, backend, op, mode, n, v, hid, ref_hid, chunk, dtype):
     monkeypatch.setattr(llp, "_MAX_BLOCK_V", 16)  # several vocabulary tiles, a ragged last one
@@ -111,6 +124,29 @@ def test_op_matches_reference(monkeypatch, backend, op, mode, n, v, hid, ref_hid
     want = op(inp, "eager", mode, chunk)
     torch.testing.assert_close(got, want, **TOL[dtype])
     _close(_grads(inp, got), _grads(inp, want), dtype)
+
+
+def test_shifted_reference_is_the_teacher_with_the_label_logit_lowered():
+    """The shift acts on the reference's label logit only: a huge shift leaves the teacher with
+    no mass on the label and the rest renormalised; shift 0 is the plain KL."""
+    g = torch.Generator().manual_seed(3)
+    z, r = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
+    labels = torch.tensor([2, -100, 0, 8])
+    plain = kl_ce_from_logits(z, r, labels)
+    unshifted = kl_ce_from_logits(z, r, labels, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(unshifted, plain, strict=True))
+    _, kl = kl_ce_from_logits(z, r, labels, ref_shift=1e4)
+    log_q = torch.log_softmax(z, dim=-1)
+    for i, y in enumerate(labels.tolist()):
+        if y < 0:
+            assert kl[i] == 0
+            continue
+        keep = torch.arange(9) != y
+        p = torch.softmax(r[i][keep], dim=-1)  # the teacher without the label
+        want = (p * (p.log() - log_q[i][keep])).sum()
+        torch.testing.assert_close(kl[i], want, atol=1e-5, rtol=1e-5)
+    _, kl_1 = kl_ce_from_logits(z, r, labels, ref_shift=1.0)
+    assert not torch.allclose(kl_1, plain[1])
 
 
 @pytest.mark.parametrize(
