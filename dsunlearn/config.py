@@ -121,6 +121,16 @@ class MethodConfig:
     """Hyper-parameters shared by the methods; each method reads the ones it needs."""
 
     npo_beta: float = 0.4
+    simnpo_beta: float = 2.5  # SimNPO's inverse temperature on the length-normalised log-prob
+    simnpo_gamma: float = 0.0  # SimNPO's reward margin
+    idkpo_beta: float = 0.1  # IdkPO's DPO temperature
+    idkpo_refusals: str = ""  # a file of refusals, one per line ("" = the built-in set)
+    undial_gamma: float = 10.0  # UNDIAL: how far the teacher's label logit is lowered
+    # RMU (WMDP's Zephyr-7B run: layer 7, c 6.5, alpha 1200, mlp.down_proj of layers 5-7)
+    rmu_layer: int = -1  # steered decoder layer; -1: 7/32 of the depth (at least 2)
+    rmu_steering: float = 6.5  # c: the norm of the control vector the forget activations chase
+    rmu_alpha: float = 1200.0  # weight of the retain activation-matching loss
+    rmu_modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])  # per layer
     kl_weight: float = 1.0
     retain_weight: float = 1.0
     # SIU (defaults from the paper's code: lr 3e-4, batch 4, ~6 steps per concept, alpha=beta=1;

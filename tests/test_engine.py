@@ -11,7 +11,7 @@ from tests.conftest import DS_CONFIG, REPO, run_deepspeed, save_random_tiny
 STEPS = 6
 
 
-def _run(ranks: int, tmp_path, bench, vanilla, family: str) -> dict:
+def _run(ranks: int, tmp_path, bench, vanilla, family: str, methods: str = "[kl_min,npo]") -> dict:
     args = [
         "unlearn",
         "--config",
@@ -21,7 +21,7 @@ def _run(ranks: int, tmp_path, bench, vanilla, family: str) -> dict:
         f"data.path={bench}",
         f"vanilla={vanilla}",
         f"model.name={family}",
-        "methods=[kl_min,npo]",  # retain step + frozen ZeRO-3 reference engine
+        f"methods={methods}",  # retain steps, the frozen ZeRO-3 reference engine
         f"optim.steps={STEPS}",
         "optim.batch_size=4",
         "optim.lr=1e-3",
@@ -52,4 +52,31 @@ def test_one_and_two_ranks_give_the_same_loss_curve(tmp_path, small_bench, famil
     # Training moved the losses, so equal curves are not just equal starting points.
     assert one["kl_min"][0]["forget_loss"] != one["kl_min"][-1]["forget_loss"]
     print(f"max |loss(1 rank) - loss(2 ranks)| = {worst:.3g}")
+    assert worst <= 1e-4
+
+
+NEW_METHODS = ["simnpo", "idkpo", "undial", "rmu"]
+
+
+@pytest.mark.slow
+def test_the_newer_methods_give_the_same_losses_on_one_and_two_ranks(
+    tmp_path, small_bench, random_vanilla
+):
+    """SimNPO, IdkPO (refusal pairs), UNDIAL (shifted teacher from the reference engine) and
+    RMU (hooked layer activations, three MLPs trained, the rest frozen under ZeRO-3)."""
+    methods = "[" + ",".join(NEW_METHODS) + "]"
+    one = _run(1, tmp_path, small_bench, random_vanilla, "tiny-llava", methods)
+    two = _run(2, tmp_path, small_bench, random_vanilla, "tiny-llava", methods)
+    assert set(one) == set(two) == set(NEW_METHODS)
+    worst = 0.0
+    for method in NEW_METHODS:
+        assert len(one[method]) == len(two[method]) == STEPS
+        first, last = one[method][0]["forget_loss"], one[method][-1]["forget_loss"]
+        assert first != last, method  # training moved it
+        for a, b in zip(one[method], two[method], strict=True):
+            assert a.keys() == b.keys()
+            for key in ("forget_loss", "retain_loss"):
+                if key in a:
+                    worst = max(worst, abs(a[key] - b[key]) / max(1.0, abs(a[key])))
+    print(f"max relative |loss(1 rank) - loss(2 ranks)| = {worst:.3g}")
     assert worst <= 1e-4

@@ -11,6 +11,7 @@ import pytest
 
 from dsunlearn.config import UnlearnConfig, to_dict
 from dsunlearn.errors import ConfigError
+from dsunlearn.methods import METHODS
 from dsunlearn.sweep.outcome import choose, objective_values, pareto_front, trial_outcome
 from dsunlearn.sweep.space import load_space
 from dsunlearn.sweep.worker import TrialLaunch, Worker, build_pruner, build_sampler, open_study
@@ -25,7 +26,7 @@ def _space(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", ["ga", "graddiff", "kl_min", "npo", "siu", "mmunlearner"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_shipped_spaces_load(name):
     demo = to_dict(UnlearnConfig())
     space = load_space(REPO / "configs" / "sweeps" / f"{name}.yaml", demo)

@@ -113,6 +113,10 @@ class Method:
         """The optimiser settings of this method's run (a method with paper defaults overrides)."""
         return optim
 
+    def prepare_model(self, model: Any) -> None:
+        """Called on the loaded model before its engine is built: a method that trains only
+        some weights (RMU) freezes the rest here, so the optimizer never holds them."""
+
     def attach(self, engine: Any, ctx: RunContext) -> None:
         """Called once the training engine holds the vanilla weights, before the first step
         (MMUnlearner scores them there and builds its mask)."""

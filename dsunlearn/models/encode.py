@@ -209,14 +209,26 @@ def final_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> torch.Ten
     backbone = getattr(hf, "base_model", None)
     if backbone is None or backbone is hf:
         raise TypeError(f"{type(hf).__name__} has no separate backbone to take states from")
+    return module_output(model, batch, backbone)
+
+
+def module_output(model: Any, batch: dict[str, torch.Tensor], module: torch.nn.Module):
+    """The (first) output tensor of `module` in one forward of `model` with `logits_to_keep=1`:
+    a backbone's last hidden states, or a decoder layer's residual stream (RMU)."""
     captured: list[torch.Tensor] = []
-    handle = backbone.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+
+    def hook(_m, _a, out):
+        captured.append(out if isinstance(out, torch.Tensor) else out[0])
+
+    handle = module.register_forward_hook(hook)
     try:
         model(**model_inputs(batch), logits_to_keep=1)
     finally:
         handle.remove()
     if len(captured) != 1:
-        raise RuntimeError(f"expected one backbone call per forward, saw {len(captured)}")
+        raise RuntimeError(
+            f"expected one call of the hooked module per forward, saw {len(captured)}"
+        )
     return captured[0]
 
 

@@ -185,6 +185,16 @@ def unwrapped(model: Any) -> torch.nn.Module:
     return model
 
 
+def language_layers(model: Any) -> torch.nn.ModuleList:
+    """The language model's decoder layers, in order (RMU steers one and trains a few)."""
+    hf = unwrapped(model)
+    prefix = family_of(model).language[0]
+    layers = getattr(hf.get_submodule(prefix), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ModelError(f"{type(hf).__name__}: no decoder layers under {prefix}.layers")
+    return layers
+
+
 def family_of(model: Any) -> Family:
     """The family of a (possibly wrapped) model instance."""
     return family_of_arch(type(unwrapped(model)).__name__)

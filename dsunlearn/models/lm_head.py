@@ -161,10 +161,17 @@ def mean_ce(model: Any, batch: Batch, held: HeldHead, scale: float = 1.0) -> tor
 
 
 def mean_ce_kl(
-    model: Any, ref: Any, batch: Batch, held: HeldHead, ce_weight: float, kl_weight: float
+    model: Any,
+    ref: Any,
+    batch: Batch,
+    held: HeldHead,
+    ce_weight: float,
+    kl_weight: float,
+    ref_shift: float = 0.0,
 ) -> torch.Tensor:
     """Batch mean of ce_weight * CE_b + kl_weight * KL_b, each per-example token means, KL(p_ref
-    || p_theta) against the frozen `ref`: `(cw * example_ce + kw * example_kl).mean()`."""
+    || p_theta) against the frozen `ref`: `(cw * example_ce + kw * example_kl).mean()`. With
+    `ref_shift` = g, p_ref is softmax(r - g * onehot(label)) (UNDIAL's teacher)."""
     rows = AnswerRows.of(batch["labels"])
     h = answer_states(model, batch, rows)
     with torch.no_grad():
@@ -175,8 +182,13 @@ def mean_ce_kl(
     with held.use(head), gathered(head_params(ref_head)):
         return linear_kl_ce(
             h, head.weight, ref_h, ref_head.weight, rows.labels.to(h.device), head.bias,
-            ref_head.bias, weights=weights, backend=backend(),
+            ref_head.bias, weights=weights, ref_shift=ref_shift, backend=backend(),
         )  # fmt: skip
+
+
+def answer_lengths(batch: Batch) -> torch.Tensor:
+    """[B] answer tokens per example (the |y| of length-normalised losses)."""
+    return AnswerRows.of(batch["labels"]).counts()
 
 
 def example_logprob_sums(model: Any, batch: Batch, held: HeldHead | None = None) -> torch.Tensor:

@@ -376,6 +376,7 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model = apply_lora(model, cfg.peft.lora, cfg.seed)  # unchanged unless peft.lora.r > 0
+    method.prepare_model(model)
     engine = build_train_engine(model, optim, method_ds)
     engine.train()
     ctx = RunContext(run.bench, run.processor, info, run.run_dir, resume.path if resume else None)
