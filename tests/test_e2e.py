@@ -72,6 +72,7 @@ def test_demo_gives_the_pre_redesign_numbers_and_eval_agrees(tmp_path):
             f"out_dir={tmp_path / 'runs'}",
             f"data.root={tmp_path / 'data'}",
             *golden["overrides"],
+            f"methods=[{','.join(golden['methods'])}]",  # the methods the golden run had
             "eval.every=0",  # in-run selection off: the last step, as the old code did
             "report_to=[]",
         ],
