@@ -56,10 +56,18 @@ def test_hash_changes_with_settings():
 
 def test_shipped_configs_load():
     cfg = load_config(UnlearnConfig, "configs/demo.yaml")
-    assert set(cfg.methods) == {"ga", "graddiff", "kl_min", "npo", "siu", "mmunlearner"}
+    assert set(cfg.methods) == {"ga", "graddiff", "kl_min", "npo", "siu", "mmunlearner"} | {
+        "simnpo",
+        "idkpo",
+        "undial",
+        "rmu",
+    }
     assert cfg.method.mmu_mask.modules == "vision" and cfg.method.mmu_lr == 5e-4
-    defaults = MethodConfig()  # the demo spells out SIU's paper defaults, and they agree
-    for key in ("siu_alpha", "siu_beta", "siu_lr", "siu_batch_size", "siu_steps", "siu_loss"):
+    defaults = MethodConfig()  # the demo spells out the papers' defaults, and they agree
+    keys = ["siu_alpha", "siu_beta", "siu_lr", "siu_batch_size", "siu_steps", "siu_loss"]
+    keys += ["simnpo_beta", "simnpo_gamma", "idkpo_beta", "undial_gamma"]
+    keys += ["rmu_layer", "rmu_steering", "rmu_alpha"]
+    for key in keys:
         assert getattr(cfg.method, key) == getattr(defaults, key), key
     assert cfg.peft.lora.r == 0
 
