@@ -131,6 +131,15 @@ class MethodConfig:
     rmu_steering: float = 6.5  # c: the norm of the control vector the forget activations chase
     rmu_alpha: float = 1200.0  # weight of the retain activation-matching loss
     rmu_modules: list[str] = field(default_factory=lambda: ["mlp.down_proj"])  # per layer
+    # MANU (the MANU code's defaults): prune the top 2 % of each modality's MLP neurons
+    manu_prune_pct: float = 2.0
+    manu_modalities: list[str] = field(default_factory=lambda: ["vision", "language"])
+    manu_weights: list[float] = field(
+        default_factory=lambda: [2.0, 0.0, 2.0, 2.0]
+    )  # abs freq var rms
+    manu_threshold: float = 0.1  # |a| above it counts as firing (the frequency function)
+    manu_max_examples: int = 0  # per forget/retain set and modality (0: all)
+    manu_batch_size: int = 8  # per rank, for the statistics' forwards
     kl_weight: float = 1.0
     retain_weight: float = 1.0
     # SIU (defaults from the paper's code: lr 3e-4, batch 4, ~6 steps per concept, alpha=beta=1;

@@ -51,7 +51,7 @@ CHUNK_ELEMS = 2**24  # kernels.chunked_head.CHUNK_ELEMS: fp32 logits per chunk b
 # step runs the frozen reference's forward (its logits), and whether the method has a mask.
 REFERENCE_FORWARD = {"ga": False, "graddiff": False, "kl_min": True, "npo": True, "siu": True}
 REFERENCE_FORWARD["mmunlearner"] = False
-REFERENCE_FORWARD |= {"simnpo": False, "idkpo": True, "undial": True, "rmu": True}
+REFERENCE_FORWARD |= {"simnpo": False, "idkpo": True, "undial": True, "rmu": True, "manu": False}
 
 
 @dataclass(frozen=True)

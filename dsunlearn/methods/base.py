@@ -95,6 +95,7 @@ class Method:
     name: ClassVar[str] = ""
     uses_retain: ClassVar[bool] = False  # take a retain step after every forget step
     uses_reference: ClassVar[bool] = False  # needs the frozen vanilla model
+    trains: ClassVar[bool] = True  # False: `attach` does all the unlearning (MANU prunes)
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

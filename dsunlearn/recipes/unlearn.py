@@ -348,6 +348,25 @@ def train_iteration(
     return row, scalars, signalled
 
 
+def validate(run: Run, refs: References, name: str, engine: Any, st: MethodState, step: int):
+    """Score the validation split at `step` and let the selection see it (it keeps the weights
+    of a new selection); whether the selection says to stop early."""
+    tick = time.time()
+    val = run.score(engine.module, run.val_sets, refs.vanilla_val).metrics
+    st.curve.append({"step": step, **val})
+    if st.selector.observe(step, val):
+        st.snapshot = Snapshot.capture(engine, step)
+    _stream_curve(run, name, step, val, st.selector)
+    run.tracker.log(_prefixed(name, "val", val), step)
+    st.timing["val_s"] += time.time() - tick
+    get_logger().info(
+        f"{name} step {step} (validation): "
+        + ", ".join(f"{k}={v:.3f}" for k, v in val.items())
+        + f"; selected step {st.selector.step}"
+    )
+    return st.selector.should_stop
+
+
 def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     """Train one method from the vanilla weights, select its step, evaluate it on test."""
     cfg, info, log = run.cfg, run.info, get_logger()
@@ -361,6 +380,8 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     optim = method.optim(cfg.optim)
     B = optim.batch_size
     steps = optim.steps or math.ceil(len(forget_train) * optim.epochs / B)
+    if not method.trains:
+        steps = 0  # the unlearning happens in `attach`
     save_dir = run.run_dir / "checkpoints" / method.name
     resume = checkpoint.find_resume(save_dir, info) if cfg.resume == "auto" else None
     if resume is not None:
@@ -409,6 +430,9 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         st.load(resume.rank_state, cfg)
     mask_share = method.report_info().get("selected_share")
 
+    if not method.trains and st.selector is not None and not st.curve:
+        validate(run, refs, method.name, engine, st, 0)  # a training-free method's one state
+
     last = start
     todo = range(start + 1, (start if st.finished else steps) + 1)
     bar = tqdm(todo, desc=method.name, disable=not info.is_main)
@@ -428,20 +452,7 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         # In-run evaluation: the validation split only; the selection keeps its weights.
         stop_early = False
         if st.selector is not None and (step % cfg.eval.every == 0 or step == steps):
-            tick = time.time()
-            val = run.score(engine.module, run.val_sets, refs.vanilla_val).metrics
-            st.curve.append({"step": step, **val})
-            if st.selector.observe(step, val):
-                st.snapshot = Snapshot.capture(engine, step)
-            _stream_curve(run, method.name, step, val, st.selector)
-            run.tracker.log(_prefixed(method.name, "val", val), step)
-            stop_early = st.selector.should_stop
-            st.timing["val_s"] += time.time() - tick
-            log.info(
-                f"{method.name} step {step} (validation): "
-                + ", ".join(f"{k}={v:.3f}" for k, v in val.items())
-                + f"; selected step {st.selector.step}"
-            )
+            stop_early = validate(run, refs, method.name, engine, st, step)
 
         # The step boundary: every rank takes the same branch (the flag was all-reduced with
         # the losses; after an evaluation, which takes a while, it is asked for once more).
@@ -470,7 +481,7 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     selection: dict[str, Any] = {
         "step": last,
         "criterion": "last",
-        "reason": "no in-run evaluation",
+        "reason": "no in-run evaluation" if method.trains else "training-free: no step to select",
     }
     if st.selector is not None:
         selection = {**st.selector.summary(), "steps_run": last, "early_stopped": last < steps}
