@@ -61,12 +61,13 @@ def test_shipped_configs_load():
         "idkpo",
         "undial",
         "rmu",
+        "manu",
     }
     assert cfg.method.mmu_mask.modules == "vision" and cfg.method.mmu_lr == 5e-4
     defaults = MethodConfig()  # the demo spells out the papers' defaults, and they agree
     keys = ["siu_alpha", "siu_beta", "siu_lr", "siu_batch_size", "siu_steps", "siu_loss"]
     keys += ["simnpo_beta", "simnpo_gamma", "idkpo_beta", "undial_gamma"]
-    keys += ["rmu_layer", "rmu_steering", "rmu_alpha"]
+    keys += ["rmu_layer", "rmu_steering", "rmu_alpha", "manu_prune_pct"]
     for key in keys:
         assert getattr(cfg.method, key) == getattr(defaults, key), key
     assert cfg.peft.lora.r == 0
