@@ -30,6 +30,8 @@ def test_data_build_and_help(tmp_path):
         (["methods=[ga,forgetall]"], "unknown method 'forgetall'"),
         (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
         (["optim.batch_size=0"], "batch size must be at least 1"),
+        (["methods=[ga,rmu]", "peft.lora.r=4"], "rmu changes the model's own weights, not LoRA"),
+        (["methods=[manu]", "peft.lora.r=4"], "manu changes the model's own weights, not LoRA"),
     ],
 )
 def test_unlearn_config_errors(tmp_path, small_bench, random_vanilla, extra, message):

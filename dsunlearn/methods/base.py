@@ -96,6 +96,7 @@ class Method:
     uses_retain: ClassVar[bool] = False  # take a retain step after every forget step
     uses_reference: ClassVar[bool] = False  # needs the frozen vanilla model
     trains: ClassVar[bool] = True  # False: `attach` does all the unlearning (MANU prunes)
+    supports_lora: ClassVar[bool] = True  # False: it changes chosen weights of the model itself
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

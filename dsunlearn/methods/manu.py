@@ -44,6 +44,7 @@ MODALITIES = ("vision", "language")
 @register("manu")
 class MANU(Method):
     trains = False
+    supports_lora = False  # it prunes the model's own neurons
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -59,12 +60,6 @@ class MANU(Method):
                 f"method.manu_weights: {len(STATS)} non-negative weights ({', '.join(STATS)})"
             )
         self.info: dict[str, Any] = {}
-
-    def prepare_model(self, model: Any) -> None:
-        if any("lora_" in name for name, _ in model.named_parameters()):
-            raise ConfigError(
-                "manu prunes the model's own neurons, not LoRA adapters: set peft.lora.r=0"
-            )
 
     def _statistics(self, engine: Any, ctx: RunContext, examples: list, sites) -> dict:
         """The importance functions of `sites` over `examples` (each rank its share, summed)."""

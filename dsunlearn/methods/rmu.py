@@ -55,6 +55,7 @@ def masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tor
 class RMU(Method):
     uses_retain = True
     uses_reference = True
+    supports_lora = False  # it trains chosen MLP weights
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -63,16 +64,16 @@ class RMU(Method):
         if not cfg.rmu_modules:
             raise ConfigError("method.rmu_modules names no module to train")
         self.layer = -1
+        self.trained_layers: list[int] = []
         self.direction: torch.Tensor | None = None
 
     def prepare_model(self, model: Any) -> None:
         """Freeze every weight but `rmu_modules` of layers l-2..l (before the engine is built)."""
-        if any("lora_" in name for name, _ in model.named_parameters()):
-            raise ConfigError("rmu trains chosen MLP weights, not LoRA adapters: set peft.lora.r=0")
         layers = language_layers(model)
         self.layer = steered_layer(self.cfg.rmu_layer, len(layers))
+        self.trained_layers = list(range(max(0, self.layer - 2), self.layer + 1))
         model.requires_grad_(False)
-        for i in range(max(0, self.layer - 2), self.layer + 1):
+        for i in self.trained_layers:
             for name in self.cfg.rmu_modules:
                 try:
                     module = layers[i].get_submodule(name)
@@ -103,7 +104,4 @@ class RMU(Method):
         return self.cfg.rmu_alpha * masked_mse(h, frozen, batch["attention_mask"])
 
     def report_info(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "trained_layers": list(range(max(0, self.layer - 2), self.layer + 1)),
-        }
+        return {"layer": self.layer, "trained_layers": self.trained_layers}

@@ -616,6 +616,12 @@ def build_report(run: Run, refs: References, results: dict[str, MethodResult], t
 def run_unlearn(cfg: UnlearnConfig) -> Path:
     t0 = time.time()
     methods = [build_method(name, cfg.method) for name in cfg.methods]  # fail fast on a typo
+    for method in methods:
+        if cfg.peft.lora.r > 0 and not method.supports_lora:
+            raise ConfigError(
+                f"{method.name} changes the model's own weights, not LoRA adapters: "
+                "set peft.lora.r=0"
+            )
     if cfg.eval.every < 0:
         raise ConfigError(f"eval.every must be >= 0, got {cfg.eval.every}")
     # Early: under launch/slurm.sbatch the ranks start with USR1/TERM ignored, and a
