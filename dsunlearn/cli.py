@@ -69,17 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
         "and celebrity sets, image and text questions; clear: CLEAR's name multiple choice, "
         "caption and text-QA ROUGE-L, real_faces/real_world; mmubench: eff/gen/div/flu, "
         "jailbreak leak rate (rule judge), MIA ROUGE-L recall and C-Dis (these two need "
-        "--vanilla). With --gold, every row gets its forget quality (KS test of truth ratios "
-        "against the gold model's) and its gap to gold.",
+        "--vanilla); pope and mmbench (general ability, no forget set): POPE's yes/no "
+        "accuracy, precision, recall, F1 and yes-ratio per question file, MMBench's option "
+        "accuracy (mmbench_circular=true: CircularEval) per category. With --gold, every row "
+        "gets its forget quality (KS test of truth ratios against the gold model's) and its "
+        "gap to gold.",
     )
     ev.add_argument(
         "--benchmark",
         default="builtin",
         metavar="NAME",
-        help="builtin (default), mllmu, clear or mmubench: the layout of --data and the protocol",
+        help="builtin (default), mllmu, clear, mmubench, pope or mmbench: the layout of --data "
+        "and the protocol",
     )
     ev.add_argument("--model", required=True, help="HF model folder")
-    ev.add_argument("--data", required=True, help="benchmark folder or hub id")
+    ev.add_argument(
+        "--data",
+        help="benchmark folder, file (mmbench: a TSV) or hub id; or the override path=... "
+        "(also written eval.path=...)",
+    )
     ev.add_argument(
         "--vanilla",
         help="the original model folder: its row is reported too, and it is the reference "
@@ -104,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(1, 5 or 10); ignored by mmubench",
     )
     ev.add_argument("--out", default="runs/eval", help="report folder")
-    ev.add_argument("overrides", nargs="*", metavar="key=value", help="EvalConfig overrides")
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="EvalConfig overrides (key=value or eval.key=value)",
+    )
 
     au = sub.add_parser(
         "audit",
@@ -265,10 +278,14 @@ def run(args: argparse.Namespace) -> None:
 
         run_unlearn(load_config(UnlearnConfig, args.config, args.overrides))
     elif args.command == "eval":
+        from dsunlearn.errors import ConfigError
         from dsunlearn.recipes.evaluate_model import run_eval
 
-        eval_cfg = from_dict(EvalConfig, apply_overrides({}, args.overrides))
-        data = DataConfig(path=args.data, forget_pct=args.forget_pct)
+        overrides = [o.removeprefix("eval.") for o in args.overrides]
+        eval_cfg = from_dict(EvalConfig, apply_overrides({}, overrides))
+        if not args.data and not eval_cfg.path:
+            raise ConfigError("dsunlearn eval needs the benchmark's data: --data or path=...")
+        data = DataConfig(path=args.data or eval_cfg.path, forget_pct=args.forget_pct)
         run_eval(
             args.model,
             data,

@@ -85,6 +85,30 @@ class EvalConfig:
     # A folder where the reference models' scores (vanilla, gold) are kept between runs of the
     # same models, data and evaluation settings: a sweep's trials score them once, not per trial.
     reference_cache: str = ""
+    # General-ability benchmarks a run's report adds (eval/utility.py), names from
+    # UTILITY_BENCHMARKS: did unlearning hurt what the model should still do? `utility_paths`:
+    # benchmark -> its folder (pope) or TSV (mmbench); a missing entry: the built-in fixture,
+    # written once under data.root (meaningful for the tiny models only as a smoke test).
+    utility: list[str] = field(default_factory=list)
+    utility_paths: dict[str, str] = field(default_factory=dict)
+    # MMBench's CircularEval: each question asked once per rotation of its options, right only
+    # if every rotation is (N options: N times the generation).
+    mmbench_circular: bool = False
+
+    def __post_init__(self) -> None:
+        """Unknown general-ability names fail when the config is read, before any model loads."""
+        for key, names in (
+            ("eval.utility", self.utility),
+            ("eval.utility_paths", self.utility_paths),
+        ):
+            unknown = [n for n in names if n not in UTILITY_BENCHMARKS]
+            if unknown:
+                raise ConfigError(
+                    f"{key}: unknown benchmark '{unknown[0]}' (known: {', '.join(UTILITY_BENCHMARKS)})"
+                )
+
+
+UTILITY_BENCHMARKS = ("pope", "mmbench")  # EvalConfig.utility: general-ability benchmarks
 
 
 @dataclass
@@ -188,6 +212,7 @@ class CheckpointConfig:
     final: bool = False  # keep each method's unlearned model as its last checkpoint
     keep: int = 2  # complete checkpoints kept per method, newest first (0: all)
     stop_at: int = 0  # checkpoint and stop (exit 75, as if preempted) at this iteration
+    stop_request: int = 1  # ... of this request (`requests`: 1 is the first)
 
 
 ATTACKS = ("relearn", "quant", "probe", "rephrase", "mia")
@@ -224,6 +249,10 @@ class AuditConfig:
 class UnlearnConfig:
     name: str = "unlearn"
     methods: list[str] = field(default_factory=lambda: ["ga"])
+    # Forget requests that arrive one after another (person ids, e.g. [[P012], [P015, P003]]):
+    # one unlearning step per request, each from the previous step's selected weights
+    # (recipes/requests.py). []: one request, the data's forget split.
+    requests: list[list[str]] = field(default_factory=list)
     vanilla: str | None = None  # model folder; None: the learned checkpoint for data+model
     # The gold model (never saw the forget faces): a folder; None: the learned gold model for
     # data+model+seed if it is cached; "none": no gold row.
@@ -324,6 +353,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {
+            _coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()
+        }
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")

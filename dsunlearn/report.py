@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsunlearn.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from dsunlearn.report_requests import plot_requests, requests_markdown
 
 REQUIRED_KEYS = ("vanilla", "methods", "chance", "world_size", "elapsed_s")
 # method_info: method name -> facts about its run (e.g. SIU's images); benchmark: which
@@ -18,7 +19,8 @@ REQUIRED_KEYS = ("vanilla", "methods", "chance", "world_size", "elapsed_s")
 # model's row (gold_model: its folder); vs_gold: row name ->
 # {"forget_quality": {p_value, ks_statistic, n, ...}, "gap": {metric: row - gold}}; val: the
 # reference rows on the validation split; curves: method -> [{"step": N, metric: value}] on the
-# validation split; selection: method -> the selected step and why; timing: method -> seconds.
+# validation split; selection: method -> the selected step and why; timing: method -> seconds;
+# requests: one entry per sequential request (report_requests.py).
 OPTIONAL_KEYS = (
     "method_info",
     "vanilla_model",
@@ -32,6 +34,8 @@ OPTIONAL_KEYS = (
     "selection",
     "timing",
     "resumed",
+    "requests",
+    "utility",
 )
 # Metrics that are not scores in [0, 1] (flu is a perplexity, >= 1, lower is better): the chart
 # draws them in a panel of their own. Any other metric with a value outside [0, 1] goes there too.
@@ -157,6 +161,7 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     if rule:
         text += f"Validation / test split: {rule}.\n\n"
     text += report_table(report) + "\n"
+    text += utility_markdown(report)
     verdicts = gold_table(report)
     if verdicts:
         text += (
@@ -175,6 +180,7 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     if images:
         text += "\n## SIU images\n\nThe one training image each method fine-tuned on.\n\n"
         text += images + "\n"
+    text += requests_markdown(report)
     audits = audit_table(report)
     if audits:
         text += (
@@ -183,6 +189,22 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
             "figures). Relearning: the rise of forget VQA over 20 relearning steps minus gold's; "
             "int4: forget VQA after int4 quantization minus gold's.\n\n" + audits + "\n"
         )
+    return text
+
+
+def utility_markdown(report: dict[str, Any]) -> str:
+    """Where the general-ability columns (pope_*, mmbench_*) came from and what they mean."""
+    facts = report.get("utility")
+    if not facts:
+        return ""
+    text = "\nGeneral ability (`eval.utility`): " + facts["note"] + "\n\n"
+    for name, f in facts.items():
+        if name == "note":
+            continue
+        where = "the built-in fixture" if f.get("builtin_fixture") else "data"
+        n = f.get("questions", 0)
+        n = sum(n.values()) if isinstance(n, dict) else n  # POPE: per question file
+        text += f"- {name}: {n} questions, chance {f.get('chance')}, {where} {f['data']}\n"
     return text
 
 
@@ -412,6 +434,8 @@ def write_report(run_dir: str | Path, report: dict[str, Any], title: str = "dsun
     plot_report(report, run_dir / "report.png")
     if any(report.get("curves", {}).values()):
         plot_curves(report, run_dir / "curves.png")
+    if report.get("requests"):
+        plot_requests(report, run_dir / "requests.png")
     write_text_atomic(run_dir / "report.md", report_markdown(report, title))
     write_json_atomic(run_dir / "report.json", report)  # last: its presence means complete
     return run_dir / "report.json"

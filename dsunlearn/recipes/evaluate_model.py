@@ -57,10 +57,11 @@ def run_eval(
     name = Path(model_dir).name or model_dir
     if name in ("vanilla", "gold"):  # the report's own row names: keep the evaluated row apart
         name = f"{name} (evaluated)"
+    facts = protocol.facts(sets, with_original=vanilla is not None)
     report: dict[str, Any] = {
         "vanilla": vanilla.metrics if vanilla else {},
         "methods": {name: evaluated.metrics},
-        "chance": CHANCE,
+        "chance": facts.get("chance", CHANCE),  # a protocol whose chance is not 1 in 4 says so
         "world_size": info.world_size,
         "elapsed_s": round(time.time() - t0, 2),
         "benchmark": {
@@ -68,7 +69,7 @@ def run_eval(
             "data": protocol.path,
             "split": split,
             "split_rule": protocol.split_rule(),
-            **protocol.facts(sets, with_original=vanilla is not None),
+            **facts,
         },
     }
     if gold is not None:

@@ -1,9 +1,10 @@
 """What an unlearn run has finished, so that a relaunch with `resume=auto` skips it.
 
 `<run>/progress.json` (rank 0, atomic) holds one `RunProgress`: the reference models' scores
-(vanilla and gold, on the test and validation splits) and one `MethodResult` per finished
-method. The method in progress lives in its checkpoints (engine/checkpoint.py). The file is
-removed once the report is written.
+(vanilla and gold, on the test and validation splits) per request and one `MethodResult` per
+finished method and request (`r<k>/<method>` with `requests`, else `<method>`). The method in
+progress lives in its checkpoints (engine/checkpoint.py). The file is removed once the report
+is written.
 
 A run folder belongs to one set of settings: its fingerprint is the config hash without the
 keys that only say how the run is driven (checkpointing, resume, timeouts, logging, tracking),
@@ -78,13 +79,21 @@ def check_same_run(meta: dict[str, Any], expected: str, where: Path) -> None:
         )
 
 
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Every method's checkpoint folder in the run: `checkpoints/<method>/`, and with
+    `requests` `checkpoints/r<k>/<method>/`."""
+    ckpts = run_dir / "checkpoints"
+    found = [*ckpts.glob("*/latest"), *ckpts.glob("r*/*/latest")]
+    return sorted({p.parent for p in found if p.is_file()})
+
+
 class RunProgress:
     def __init__(self, run_dir: Path, fp: str, is_main: bool) -> None:
         self.path = run_dir / "progress.json"
         self.fingerprint = fp
         self.is_main = is_main
-        self.references: References | None = None
-        self.methods: dict[str, MethodResult] = {}
+        self.references: dict[int, References] = {}  # request index -> its reference rows
+        self.methods: dict[str, MethodResult] = {}  # Request.key(method) -> its result
 
     @classmethod
     def open(cls, run_dir: Path, fp: str, resume: str, info: DistInfo) -> RunProgress:
@@ -93,15 +102,15 @@ class RunProgress:
         if resume not in ("", "auto"):
             raise ConfigError(f"resume must be '' or 'auto', not '{resume}'")
         progress = cls(run_dir, fp, info.is_main)
-        ckpts = run_dir / "checkpoints"
+        saves = checkpoint_dirs(run_dir)
         if resume == "":
-            if progress.path.is_file() or any(ckpts.glob("*/latest")):
+            if progress.path.is_file() or saves:
                 raise ConfigError(
                     f"{run_dir} holds an earlier run's checkpoints or progress: resume=auto "
                     "continues it; pick another name= (or remove the folder) to start over"
                 )
             return progress
-        for save_dir in sorted(p.parent for p in ckpts.glob("*/latest")):
+        for save_dir in saves:
             tag = checkpoint.latest_tag(save_dir)
             meta = checkpoint.read_meta(save_dir / tag)
             check_same_run(meta, fp, save_dir / tag)
@@ -109,19 +118,20 @@ class RunProgress:
         if progress.path.is_file():
             record = json.loads(progress.path.read_text())
             check_same_run(record, fp, progress.path)
-            if record.get("references"):
-                progress.references = References.from_dict(record["references"])
+            progress.references = {
+                int(k): References.from_dict(r) for k, r in record.get("references", {}).items()
+            }
             progress.methods = {
                 name: MethodResult(**r) for name, r in record.get("methods", {}).items()
             }
         return progress
 
-    def finish_references(self, refs: References) -> None:
-        self.references = refs
+    def finish_references(self, refs: References, request: int = 1) -> None:
+        self.references[request] = refs
         self._write()
 
-    def finish_method(self, result: MethodResult) -> None:
-        self.methods[result.name] = result
+    def finish_method(self, result: MethodResult, key: str) -> None:
+        self.methods[key] = result
         self._write()
 
     def _write(self) -> None:
@@ -130,7 +140,7 @@ class RunProgress:
                 self.path,
                 {
                     "fingerprint": self.fingerprint,
-                    "references": self.references.to_dict() if self.references else None,
+                    "references": {str(k): r.to_dict() for k, r in self.references.items()},
                     "methods": {k: dataclasses.asdict(v) for k, v in self.methods.items()},
                 },
             )

@@ -64,6 +64,7 @@ from dsunlearn.eval.benchmarks import Protocol, Scored, build_protocol
 from dsunlearn.eval.evaluate import CHANCE
 from dsunlearn.eval.selection import Selector, Targets, check_criterion
 from dsunlearn.eval.selection import score as score_step
+from dsunlearn.eval.utility import UtilitySets, build_utility, score_utility, utility_facts
 from dsunlearn.eval.verdict import versus_gold
 from dsunlearn.fsutil import write_json_atomic
 from dsunlearn.methods import build_method
@@ -79,9 +80,23 @@ from dsunlearn.recipes.common import (
     model_dtype,
     prepare_benchmark,
 )
+from dsunlearn.recipes.requests import (
+    Request,
+    check_request_settings,
+    drop_weights,
+    eval_view,
+    gold_view,
+    handoff_dir,
+    load_handoff,
+    mask_overlap,
+    plan_requests,
+    save_handoff,
+    train_view,
+)
 from dsunlearn.recipes.run_state import MethodResult, References, RunProgress, check_same_run
 from dsunlearn.recipes.run_state import fingerprint as run_fingerprint
 from dsunlearn.report import write_report
+from dsunlearn.saliency.store import load_mask, mask_file
 from dsunlearn.tracking import Tracker
 
 
@@ -135,6 +150,15 @@ class Run:
     tracker: Tracker
     preempt: PreemptionFlag
     auditor: Auditor | None = None  # `audit=true`
+    # The request this view of the run serves (recipes/requests.py); `bench` is then its
+    # training people, `protocol` and the sets its evaluation people.
+    request: Request | None = None
+    # The gold model's own sets when its row is an approximation (requests.gold_view); None:
+    # the same sets as every other row.
+    gold_sets: tuple[Any, Any] | None = None
+    # `eval.utility`: general-ability benchmarks (POPE, MMBench) scored beside the test split,
+    # on every row's test weights; None without them.
+    utility: UtilitySets | None = None
 
     @property
     def zero3(self) -> bool:
@@ -143,6 +167,35 @@ class Run:
     def score(self, model: Any, sets: Any, original: Scored | None) -> Scored:
         """One model on one split's sets; all ranks together, on the sharded weights."""
         return self.protocol.score(model, self.processor, sets, self.info, self.zero3, original)
+
+    def score_test(self, model: Any, sets: Any, original: Scored | None) -> Scored:
+        """The test split, plus the general-ability benchmarks' metrics (`eval.utility`) in the
+        same row: the report's tables and gaps to gold then show both."""
+        scored = self.score(model, sets, original)
+        if self.utility is not None:
+            scored.metrics.update(
+                score_utility(self.utility, model, self.processor, self.info, self.zero3)
+            )
+        return scored
+
+
+def make_protocol(cfg: UnlearnConfig, bench: Benchmark) -> Protocol:
+    return build_protocol(
+        cfg.eval.benchmark,
+        cfg.data,
+        cfg.eval,
+        cfg.seed,
+        bench=None if cfg.eval.path else bench,  # the run's own data, unless eval.path says
+        siu_image_index=cfg.method.siu_image_index,
+    )
+
+
+def evaluation_sets(cfg: UnlearnConfig, protocol: Protocol) -> tuple[Any, Any]:
+    """The validation sets (with in-run evaluation) and the test sets (unless eval.test=false)."""
+    in_run = cfg.eval.enabled and cfg.eval.every > 0
+    val_sets = protocol.build("val") if in_run else None  # one line if it has no such split
+    test_sets = protocol.build("test") if cfg.eval.enabled and cfg.eval.test else None
+    return val_sets, test_sets
 
 
 def setup(cfg: UnlearnConfig, preempt: PreemptionFlag) -> Run:
@@ -153,32 +206,48 @@ def setup(cfg: UnlearnConfig, preempt: PreemptionFlag) -> Run:
     run_dir = Path(cfg.out_dir) / cfg.name
     fp = run_fingerprint(cfg, vanilla)
     progress = RunProgress.open(run_dir, fp, cfg.resume, info)
-    protocol = build_protocol(
-        cfg.eval.benchmark,
-        cfg.data,
-        cfg.eval,
-        cfg.seed,
-        bench=None if cfg.eval.path else bench,  # the run's own data, unless eval.path says
-        siu_image_index=cfg.method.siu_image_index,
-    )
-    in_run = cfg.eval.enabled and cfg.eval.every > 0
-    val_sets = protocol.build("val") if in_run else None  # one line if it has no such split
-    if in_run:
+    protocol = make_protocol(cfg, bench)
+    val_sets, test_sets = evaluation_sets(cfg, protocol)
+    if val_sets is not None:
         check_criterion(
             cfg.select, protocol.forget_key is not None and protocol.retain_key is not None
         )
-    test_sets = protocol.build("test") if cfg.eval.enabled and cfg.eval.test else None
     ref_model, processor = load_model_and_processor(
         vanilla, dtype=model_dtype(cfg.model), ds_config=ds
     )
     ref = build_reference_engine(ref_model, ds)
     gold = resolve_gold(cfg)
     auditor = build_auditor(cfg, bench, info, vanilla, gold) if cfg.audit.enabled else None
+    utility = None
+    if test_sets is not None:  # scored with the test split only
+        utility = build_utility(cfg.eval, cfg.data, cfg.seed)
     tracker = Tracker.open(cfg.report_to, run_dir, cfg.name, to_dict(cfg), info.is_main)
     return Run(
         cfg, info, bench, vanilla, gold, ds, run_dir, fp, progress, protocol,
-        test_sets, val_sets, processor, ref, tracker, preempt, auditor,
+        test_sets, val_sets, processor, ref, tracker, preempt, auditor, utility=utility,
     )  # fmt: skip
+
+
+def for_request(run: Run, req: Request) -> Run:
+    """The run as request `req` sees it: its training people, its evaluation sets and, where
+    the gold model saw someone forgotten so far, the gold model's own sets."""
+    if not req.sequential:
+        return dataclasses.replace(run, request=req)
+    protocol = make_protocol(run.cfg, eval_view(run.bench, req))
+    val_sets, test_sets = evaluation_sets(run.cfg, protocol)
+    gold_bench, _exact = gold_view(run.bench, req)
+    gold_sets = None
+    if gold_bench is not None and run.gold is not None:
+        gold_sets = evaluation_sets(run.cfg, make_protocol(run.cfg, gold_bench))
+    return dataclasses.replace(
+        run,
+        bench=train_view(run.bench, req),
+        protocol=protocol,
+        val_sets=val_sets,
+        test_sets=test_sets,
+        request=req,
+        gold_sets=gold_sets,
+    )
 
 
 def build_auditor(
@@ -211,7 +280,8 @@ def score_references(run: Run) -> References:
         return refs
     splits = [name for name, sets in (("test", run.test_sets), ("val", run.val_sets)) if sets]
     cached = None
-    if run.cfg.eval.reference_cache:
+    sequential = run.request is not None and run.request.sequential
+    if run.cfg.eval.reference_cache and not sequential:  # its key does not hold the request
         cached = reference_cache.cache_path(
             run.cfg, run.vanilla, run.gold, run.info.world_size, splits
         )
@@ -221,7 +291,7 @@ def score_references(run: Run) -> References:
             return found
     ref = run.ref.module
     if run.test_sets is not None:
-        refs.vanilla = run.score(ref, run.test_sets, None)
+        refs.vanilla = run.score_test(ref, run.test_sets, None)
     if run.val_sets is not None:
         refs.vanilla_val = run.score(ref, run.val_sets, None)
     if run.gold is not None:
@@ -229,10 +299,17 @@ def score_references(run: Run) -> References:
             run.gold, dtype=model_dtype(run.cfg.model), ds_config=run.ds
         )
         gold = build_reference_engine(model, run.ds)
-        if run.test_sets is not None:
-            refs.gold = run.score(gold.module, run.test_sets, refs.vanilla)
-        if run.val_sets is not None:
-            refs.gold_val = run.score(gold.module, run.val_sets, refs.vanilla_val)
+        if run.gold_sets is None:
+            if run.test_sets is not None:
+                refs.gold = run.score_test(gold.module, run.test_sets, refs.vanilla)
+            if run.val_sets is not None:
+                refs.gold_val = run.score(gold.module, run.val_sets, refs.vanilla_val)
+        else:  # an approximation on its own unseen people: no vanilla row on those sets
+            val_sets, test_sets = run.gold_sets
+            if test_sets is not None:
+                refs.gold = run.score_test(gold.module, test_sets, None)
+            if val_sets is not None:
+                refs.gold_val = run.score(gold.module, val_sets, None)
         del gold, model
         gc.collect()
     if cached is not None:
@@ -367,9 +444,14 @@ def validate(run: Run, refs: References, name: str, engine: Any, st: MethodState
     return st.selector.should_stop
 
 
-def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
-    """Train one method from the vanilla weights, select its step, evaluate it on test."""
+def unlearn_method(
+    method: Method, run: Run, refs: References, previous: Path | None = None
+) -> MethodResult:
+    """Train one method from the vanilla weights (`previous`: from an earlier request's
+    selected weights, requests.save_handoff's folder), select its step, evaluate it on test."""
     cfg, info, log = run.cfg, run.info, get_logger()
+    req = run.request
+    name = req.label(method.name)  # in logs, tracking and the streamed curves
     t0 = time.time()
     retain_train = vqa_train_examples(run.bench.retain)
     forget_train = method.forget_examples(run.bench, run.processor)
@@ -383,11 +465,14 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     if not method.trains:
         steps = 0  # the unlearning happens in `attach`
     save_dir = run.run_dir / "checkpoints" / method.name
+    if req.sequential:
+        save_dir = run.run_dir / "checkpoints" / req.tag / method.name
     resume = checkpoint.find_resume(save_dir, info) if cfg.resume == "auto" else None
     if resume is not None:
         check_same_run(resume.meta, run.fingerprint, resume.path)
     log.info(
-        f"{method.name}: {len(forget_train)} forget examples, {steps} steps, lr {optim.lr}"
+        f"{name}: {len(forget_train)} forget examples, {steps} steps, lr {optim.lr}"
+        + (f", from {previous}" if previous else "")
         + (f", resuming from {resume.path}" if resume else "")
     )
     method_ds = deepspeed_config(cfg.deepspeed, optim, cfg.model, info)
@@ -400,8 +485,11 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     method.prepare_model(model)
     engine = build_train_engine(model, optim, method_ds)
     engine.train()
+    if previous is not None:  # before `attach`: MMUnlearner and MANU score these weights
+        load_handoff(engine, previous, info)
     ctx = RunContext(run.bench, run.processor, info, run.run_dir, resume.path if resume else None)
     method.attach(engine, ctx)
+    overlap = _mask_overlap(method, previous, info)
     n_retain = (
         method.retain_steps_per_forget(len(forget_train), len(retain_train))
         if method.uses_retain
@@ -431,11 +519,11 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     mask_share = method.report_info().get("selected_share")
 
     if not method.trains and st.selector is not None and not st.curve:
-        validate(run, refs, method.name, engine, st, 0)  # a training-free method's one state
+        validate(run, refs, name, engine, st, 0)  # a training-free method's one state
 
     last = start
     todo = range(start + 1, (start if st.finished else steps) + 1)
-    bar = tqdm(todo, desc=method.name, disable=not info.is_main)
+    bar = tqdm(todo, desc=name, disable=not info.is_main)
     for step in bar:
         tick = time.time()
         forget = method.views(next(f_stream), view_rng)
@@ -444,7 +532,7 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         st.losses.append(row)
         if mask_share is not None:
             scalars["mask_share"] = mask_share
-        run.tracker.log(_prefixed(method.name, "train", {**row, **scalars}), step)
+        run.tracker.log(_prefixed(name, "train", {**row, **scalars}), step)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "step"})
         last = step
         st.timing["train_s"] += time.time() - tick
@@ -452,13 +540,15 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         # In-run evaluation: the validation split only; the selection keeps its weights.
         stop_early = False
         if st.selector is not None and (step % cfg.eval.every == 0 or step == steps):
-            stop_early = validate(run, refs, method.name, engine, st, step)
+            stop_early = validate(run, refs, name, engine, st, step)
 
         # The step boundary: every rank takes the same branch (the flag was all-reduced with
         # the losses; after an evaluation, which takes a while, it is asked for once more).
         if st.curve and st.curve[-1]["step"] == step:
             signalled = run.preempt.requested(info.device)
-        stop = signalled or step == cfg.checkpoint.stop_at
+        stop = signalled or (
+            step == cfg.checkpoint.stop_at and req.index == cfg.checkpoint.stop_request
+        )
         every = cfg.checkpoint.every
         if stop or (every > 0 and step % every == 0):
             state = st.checkpoint_state(view_rng)
@@ -466,12 +556,12 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         if stop:
             why = f"signal {run.preempt.name}" if signalled else f"checkpoint.stop_at={step}"
             raise Preempted(
-                f"{why}: {method.name} stopped after step {step} of {steps}; checkpoint "
+                f"{why}: {name} stopped after step {step} of {steps}; checkpoint "
                 f"{folder} is complete: relaunch with resume=auto to continue"
             )
         if stop_early:
             log.info(
-                f"{method.name}: early stop at step {step} ({cfg.early_stop.patience} "
+                f"{name}: early stop at step {step} ({cfg.early_stop.patience} "
                 "evaluations without a new selection)"
             )
             break
@@ -494,10 +584,14 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
     ratios: list[float] = []
     if run.test_sets is not None:
         tick = time.time()
-        scored = run.score(engine.module, run.test_sets, refs.vanilla)
+        scored = run.score_test(engine.module, run.test_sets, refs.vanilla)
         metrics, ratios = scored.metrics, scored.truth_ratios
         st.timing["test_s"] = time.time() - tick
-        log.info(f"{method.name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        log.info(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    if req.sequential and not req.is_last:  # the next request starts from these weights
+        meta = {"method": method.name, "request": req.index, "fingerprint": run.fingerprint}
+        folder = handoff_dir(run.run_dir, req, method.name)
+        save_handoff(engine, method, folder, selection["step"], info, meta)
     st.timing["total_s"] = time.time() - t0
     kept = capture_local(engine.module, run.vanilla, method.name) if run.auditor else None
     del engine, model
@@ -517,11 +611,20 @@ def unlearn_method(method: Method, run: Run, refs: References) -> MethodResult:
         curve=st.curve,
         selection=selection,
         truth_ratios=ratios,
-        info=method.report_info(),
+        info={**method.report_info(), **({"mask_overlap": overlap} if overlap else {})},
         timing={k: round(v, 3) for k, v in st.timing.items()},
         resumed={"from_step": resume.step} if resume else None,
         audit=audit,
     )
+
+
+def _mask_overlap(method: Method, previous: Path | None, info: DistInfo) -> dict | None:
+    """A masked method's new mask against the one it stepped on in the previous request."""
+    masks = getattr(method, "masks", None)
+    if previous is None or masks is None or not mask_file(previous, info.rank).is_file():
+        return None
+    before, _ = load_mask(previous, info.rank, info.world_size)
+    return mask_overlap(masks, before, info.device)
 
 
 def _stream_curve(
@@ -590,6 +693,8 @@ def build_report(run: Run, refs: References, results: dict[str, MethodResult], t
         }
         if "judge" in report["benchmark"]:
             report["judge"] = report["benchmark"]["judge"]
+    if run.utility is not None:
+        report["utility"] = utility_facts(run.utility)
     if refs.gold is not None:
         report["gold"] = refs.gold.metrics
         report["gold_model"] = run.gold
@@ -613,6 +718,68 @@ def build_report(run: Run, refs: References, results: dict[str, MethodResult], t
     return report
 
 
+def run_request(
+    run: Run, methods: list[Method] | None
+) -> tuple[References, dict[str, MethodResult]]:
+    """One request: its reference rows, then every method from its previous request's weights
+    (`methods`: already built; None: fresh ones, so no state leaks from the last request)."""
+    cfg, req, log = run.cfg, run.request, get_logger()
+    if methods is None:
+        methods = [build_method(name, cfg.method) for name in cfg.methods]
+    refs = run.progress.references.get(req.index)
+    if refs is None:
+        refs = score_references(run)
+        if cfg.eval.enabled:  # nothing worth keeping otherwise: no progress file
+            run.progress.finish_references(refs, req.index)
+    results: dict[str, MethodResult] = {}
+    for method in methods:
+        key = req.key(method.name)
+        if key in run.progress.methods:  # finished before an earlier launch stopped
+            results[method.name] = run.progress.methods[key]
+            log.info(f"{key}: finished in an earlier launch (from {run.progress.path})")
+            continue
+        previous = None
+        if req.index > 1:
+            before = dataclasses.replace(req, index=req.index - 1)
+            previous = handoff_dir(run.run_dir, before, method.name)
+        results[method.name] = unlearn_method(method, run, refs, previous)
+        run.progress.finish_method(results[method.name], key)
+        if previous is not None:
+            drop_weights(previous, run.info)
+        if run.preempt.requested(run.info.device):  # signalled during the evaluation
+            raise Preempted(
+                f"signal {run.preempt.name}: stopped after {req.label(method.name)} finished; "
+                "relaunch with resume=auto to continue with the next method"
+            )
+    return refs, results
+
+
+def request_summary(run: Run, refs: References, results: dict[str, MethodResult]) -> dict[str, Any]:
+    """One request's entry of report.json's `requests`: who was forgotten, each row's test
+    metrics, the verdicts against gold (`gold_row`: exact or approximate), the selected steps,
+    each method's facts (MANU's pruned neurons) and MMUnlearner's mask overlap with the
+    previous request."""
+    req = run.request
+    out: dict[str, Any] = {
+        "index": req.index,
+        "people": list(req.people),
+        "forgotten": list(req.forgotten),
+        "vanilla": refs.vanilla.metrics if refs.vanilla else {},
+        "methods": {n: r.metrics for n, r in results.items()},
+        "selected_step": {n: r.selection.get("step") for n, r in results.items()},
+        "method_info": {n: r.info for n, r in results.items() if r.info},
+    }
+    if refs.gold is not None:
+        out["gold"] = refs.gold.metrics
+        out["gold_row"] = "exact" if run.gold_sets is None else "approximate"
+        rows = {"vanilla": refs.vanilla, **{n: r.scored() for n, r in results.items()}}
+        out["vs_gold"] = versus_gold(rows, refs.gold)
+    overlap = {n: r.info["mask_overlap"] for n, r in results.items() if "mask_overlap" in r.info}
+    if overlap:
+        out["mask_overlap"] = overlap
+    return out
+
+
 def run_unlearn(cfg: UnlearnConfig) -> Path:
     t0 = time.time()
     methods = [build_method(name, cfg.method) for name in cfg.methods]  # fail fast on a typo
@@ -624,6 +791,7 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
             )
     if cfg.eval.every < 0:
         raise ConfigError(f"eval.every must be >= 0, got {cfg.eval.every}")
+    check_request_settings(cfg)
     # Early: under launch/slurm.sbatch the ranks start with USR1/TERM ignored, and a
     # signal that arrives before this is lost (the job script repeats it every 30 s).
     preempt = PreemptionFlag().install()
@@ -634,32 +802,23 @@ def run_unlearn(cfg: UnlearnConfig) -> Path:
         f"unlearn '{cfg.name}': methods {cfg.methods}, world size {run.info.world_size}, "
         f"ZeRO stage {zero_stage(run.ds)}, benchmark {run.protocol.name}, gold {run.gold}"
     )
+    requests = plan_requests(cfg, run.bench)
     # closed however the run ends: a preempted or failed run keeps the curves it logged
     with run.tracker:
-        refs = run.progress.references
-        if refs is None:
-            refs = score_references(run)
-            if cfg.eval.enabled:  # nothing worth keeping otherwise: no progress file
-                run.progress.finish_references(refs)
-        results: dict[str, MethodResult] = {}
-        for method in methods:
-            if method.name in run.progress.methods:  # finished before an earlier launch stopped
-                results[method.name] = run.progress.methods[method.name]
-                log.info(f"{method.name}: finished in an earlier launch (from {run.progress.path})")
-                continue
-            results[method.name] = unlearn_method(method, run, refs)
-            run.progress.finish_method(results[method.name])
-            if preempt.requested(run.info.device):  # signalled during the evaluation
-                raise Preempted(
-                    f"signal {preempt.name}: stopped after {method.name} finished; relaunch with "
-                    "resume=auto to continue with the next method"
-                )
-
-        report = build_report(run, refs, results, t0)
+        done: list[tuple[Run, References, dict[str, MethodResult]]] = []
+        for req in requests:
+            if req.sequential:
+                log.info(f"request {req.index} of {len(requests)}: forget {list(req.people)}")
+            view = for_request(run, req)
+            refs, results = run_request(view, methods if req.index == 1 else None)
+            done.append((view, refs, results))
+        view, refs, results = done[-1]
+        report = build_report(view, refs, results, t0)
+        if requests[0].sequential:
+            report["requests"] = [request_summary(*d) for d in done]
         if run.info.is_main:
-            write_json_atomic(
-                run.run_dir / "losses.json", {n: r.losses for n, r in results.items()}
-            )
+            losses = {v.request.key(n): r.losses for v, _, rs in done for n, r in rs.items()}
+            write_json_atomic(run.run_dir / "losses.json", losses)
             write_json_atomic(run.run_dir / "config.json", to_dict(cfg))
             path = write_report(run.run_dir, report, title=f"dsunlearn: {cfg.name}")
             run.progress.remove()  # the report now holds everything; a new run may start here
