@@ -94,6 +94,15 @@ def requests_markdown(report: dict[str, Any]) -> str:
     return text
 
 
+def row_colors(methods: list[str]) -> dict[str, Any]:
+    """One colour per method, the same in every panel (the gap and quality panels have no
+    vanilla or gold line: colours by position would shift there); tab20 past 10 methods."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(methods)}
+
+
 def plot_requests(report: dict[str, Any], path: Path) -> None:
     """One panel per metric, the request index on x, one line per method, vanilla dashed and
     gold dotted."""
@@ -104,15 +113,16 @@ def plot_requests(report: dict[str, Any], path: Path) -> None:
 
     series = _series(report)
     xs = [r["index"] for r in report["requests"]]
+    colors = row_colors(list(report["requests"][-1]["methods"]))
     cols = min(3, max(1, len(series)))
     nrows = -(-len(series) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
     for ax, (key, rows) in zip(axes.flat, series.items(), strict=False):
-        for i, (name, values) in enumerate(rows.items()):
+        for name, values in rows.items():
             pts = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
             if not pts:
                 continue
-            style = {"color": f"C{i}"}
+            style = {"color": colors.get(name, "grey")}
             if name in ("vanilla", "gold"):  # the references: black, dashed and dotted
                 style = {"color": "black", "linestyle": "--" if name == "vanilla" else ":"}
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name, **style)
@@ -122,9 +132,9 @@ def plot_requests(report: dict[str, Any], path: Path) -> None:
     for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="upper right")
     fig.suptitle("after each request (test split)", fontsize=10)
     fig.tight_layout()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -25,6 +25,7 @@ from dsunlearn.recipes.requests import (
     train_view,
 )
 from dsunlearn.report import write_report
+from dsunlearn.report_requests import row_colors
 from tests.conftest import REPO, run_cli, run_deepspeed, unlearn_args
 
 
@@ -127,6 +128,8 @@ def test_report_tables_and_plot(tmp_path: Path) -> None:
     assert "| ga | 0.400 | 0.300 |" in md and "| gold | 0.100 | 0.200 |" in md
     assert "| ga | 0.300 | 0.100 |" in md  # gap to gold, per request
     assert (tmp_path / "requests.png").stat().st_size > 0
+    colors = row_colors([f"m{i}" for i in range(11)])  # the demo's 11 methods: 11 colours
+    assert len(set(colors.values())) == 11
 
 
 # --- 2 ranks: preempted in request 2, resumed ------------------------------------------------
