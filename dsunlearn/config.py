@@ -97,6 +97,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         """Unknown general-ability names fail when the config is read, before any model loads."""
+        self.check_utility()
+
+    def check_utility(self) -> None:
+        """One line for the first unknown name in `utility` or `utility_paths`."""
         for key, names in (
             ("eval.utility", self.utility),
             ("eval.utility_paths", self.utility_paths),

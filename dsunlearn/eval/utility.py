@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsunlearn.config import UTILITY_BENCHMARKS, DataConfig, EvalConfig
+from dsunlearn.config import DataConfig, EvalConfig
 from dsunlearn.engine.dist import DistInfo, barrier
-from dsunlearn.errors import ConfigError
 from dsunlearn.eval.benchmarks.base import Protocol, build_protocol
 from dsunlearn.eval.benchmarks.general import TINY_MODEL_NOTE, generate
 from dsunlearn.eval.benchmarks.mmbench import mmbench_scores
@@ -54,22 +53,10 @@ class UtilitySets:
 
 
 def utility_names(cfg: EvalConfig) -> list[str]:
-    """`cfg.utility` without repeats; an unknown name is a one-line ConfigError."""
-    names: list[str] = []
-    for n in cfg.utility:
-        if n not in UTILITY_BENCHMARKS:
-            raise ConfigError(
-                f"eval.utility: unknown benchmark '{n}' (known: {', '.join(UTILITY_BENCHMARKS)})"
-            )
-        if n not in names:
-            names.append(n)
-    for n in cfg.utility_paths:
-        if n not in UTILITY_BENCHMARKS:
-            raise ConfigError(
-                f"eval.utility_paths: unknown benchmark '{n}' "
-                f"(known: {', '.join(UTILITY_BENCHMARKS)})"
-            )
-    return names
+    """`cfg.utility` without repeats; an unknown name is a one-line ConfigError (checked again
+    here: the lists may have changed since the config was read)."""
+    cfg.check_utility()
+    return list(dict.fromkeys(cfg.utility))
 
 
 def fixture_path(name: str, data: DataConfig) -> Path:
