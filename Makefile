@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dsunlearn-installed
 # pytest-xdist workers; a file's tests stay on one worker (module fixtures, the Slurm cluster).
 # A rank spends much of its life importing or waiting on a collective: two workers keep 2 cores busy.
+# Files go out longest first (tests/conftest.py orders them from tests/durations.json; refresh it
+# with `pytest -n 2 --dist loadfile --store-durations`), not xdist's default most-tests first.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test lint venv clean
@@ -36,7 +38,7 @@ test: lint
 		  apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>&1; } || \
 		echo "could not install slurm-wlm and munge: tests/test_slurm.py will skip"; \
 	fi
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs data

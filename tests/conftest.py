@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DS_CONFIG = str(REPO / "configs" / "deepspeed" / "zero3_cpu.json")
+DURATIONS = REPO / "tests" / "durations.json"
 
 
 def pytest_configure(config) -> None:
@@ -24,13 +26,53 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--store-durations",
+        action="store_true",
+        help=f"write each test file's measured seconds into {DURATIONS.relative_to(REPO)}",
+    )
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """`pytest -m gpu` is the single-GPU fallback: every test parametrised on the "cuda"
-    device (the kernels compiled, not interpreted) joins the tests marked `gpu` by hand."""
+    device (the kernels compiled, not interpreted) joins the tests marked `gpu` by hand.
+
+    Files run longest first (`make test` hands files to its two workers in this order, with
+    `--no-loadscope-reorder`): a long file started last left one worker running it alone.
+    A file not in tests/durations.json yet goes first, as it may be long."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "cuda" in callspec.params.values():
             item.add_marker(pytest.mark.gpu)
+    seconds = file_seconds()
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], float("inf")))
+
+
+def file_seconds() -> dict[str, float]:
+    """Measured seconds per test file (setup, call and teardown of all its tests)."""
+    return json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    # Under xdist this runs in the controller with every worker's reports.
+    path = report.nodeid.split("::")[0]
+    _measured[path] = _measured.get(path, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session) -> None:
+    """With --store-durations, merge this run's per-file seconds into tests/durations.json
+    (files that did not run keep their old figure)."""
+    if not session.config.getoption("--store-durations") or not _measured:
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # the controller writes
+    merged = {**file_seconds(), **{k: round(v, 1) for k, v in _measured.items()}}
+    ordered = dict(sorted(merged.items(), key=lambda kv: -kv[1]))
+    DURATIONS.write_text(json.dumps(ordered, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +123,24 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str):
         text=True,
         timeout=timeout,
     )
+
+
+def main_error(capsys, args: list[str]) -> str:
+    """`dsunlearn ARGS` in this process for a refusal made before any rank starts: exit 2 and
+    exactly one line on stderr; returns that line. Saves a fresh interpreter (~6 s) per case;
+    tests/test_cli.py and test_export.py keep fresh-process cases for the real exit path."""
+    from dsunlearn.cli import main
+
+    with capsys.disabled():  # loggers made by these imports bind the real streams, not a capture
+        import dsunlearn.recipes.unlearn  # noqa: F401
+    capsys.readouterr()  # what the test itself printed before
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsunlearn: error: "), err
+    return lines[0]
 
 
 def run_deepspeed(ranks: int, args: list[str], cwd: Path, timeout: int = 600, **env: str):

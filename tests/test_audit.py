@@ -26,7 +26,7 @@ from dsunlearn.audit.verdict import (
 from dsunlearn.config import AuditConfig, EvalConfig
 from dsunlearn.errors import ConfigError
 from dsunlearn.recipes.audit import check_settings
-from tests.conftest import REPO, run_cli, run_deepspeed, save_random_tiny
+from tests.conftest import REPO, main_error, run_cli, run_deepspeed, save_random_tiny
 
 VANILLA0 = REPO / "checkpoints" / "vanilla" / "tiny-llava-seed0-e20-a1f76de313"
 GOLD0 = REPO / "checkpoints" / "gold" / "tiny-llava-seed0-e20-2478d69510"
@@ -171,6 +171,34 @@ def test_rephrase_verdicts_and_gaps():
     assert removed["status"] == "removed" and "redraw_gap" not in removed  # no view: no gap
 
 
+def test_a_runs_audit_summary_keeps_the_verdicts_and_the_int4_figure():
+    """What `unlearn audit=true` keeps in report.json and shows in report.md (the end-to-end
+    audits below quantize to int8 only: int4 is the same code, checked at the rounding above)."""
+    from dsunlearn.audit.verdict import audit_summary
+    from dsunlearn.report import audit_table
+
+    def q(none, int8, int4=None):
+        out = {"none": {"forget_vqa": none}, "int8": {"forget_vqa": int8}}
+        return out if int4 is None else {**out, "int4": {"forget_vqa": int4}}
+
+    relearn = judge_relearn(
+        {"model": _curve([0.1, 0.5, 0.9]), "gold": _curve([0.1, 0.15, 0.2])}, 0.1
+    )
+    quant = judge_quant({"model": q(0.1, 0.1, 0.6), "gold": q(0.1, 0.1, 0.1)}, 0.1)
+    attacks = {"relearn": {"verdict": relearn}, "quant": {"verdict": quant}}
+    summary = audit_summary({"attacks": attacks})
+    assert summary == {
+        "verdicts": {"relearn": "hidden", "quant": "hidden"},
+        "relearn_recovery_vs_gold": pytest.approx(0.7),
+        "int4_forget_vs_gold": pytest.approx(0.5),
+    }
+    table = audit_table({"audit": {"ga": summary}})
+    assert "| ga | hidden | hidden | 0.700 | 0.500 |" in table
+    int8_only = judge_quant({"model": q(0.1, 0.1), "gold": q(0.1, 0.1)}, 0.1)
+    summary = audit_summary({"attacks": {"quant": {"verdict": int8_only}}})
+    assert summary == {"verdicts": {"quant": "removed"}}
+
+
 # ----------------------------------------------------------------------------- sets and settings
 
 
@@ -213,8 +241,9 @@ def test_bad_settings_are_one_line(overrides, message):
 
 # ----------------------------------------------------------------------------- the command
 
-SMALL = [  # every attack, at the least work that still exercises it
-    "audit.relearn_steps=[1,2]",
+SMALL = [  # every attack, at the least work that still exercises it (int4: unit-tested above)
+    "audit.relearn_steps=[1]",
+    "audit.quant_bits=[8]",
     "audit.retain_max_items=12",
     "audit.rephrase=[redraw]",
     "audit.redraw_views=1",
@@ -279,22 +308,29 @@ def test_gold_is_unchanged_by_int8_within_the_bound(vanilla_audit):
 
 
 @pytest.mark.slow
-def test_bad_inputs_are_one_line_and_exit_2(tmp_path, bench0):
+def test_bad_inputs_are_one_line_and_exit_2(tmp_path, bench0, capsys):
+    """Refused before any rank starts: in this process, but for one case in a fresh one (the
+    real exit path)."""
     other = save_random_tiny("tiny-qwen2-vl", tmp_path / "qwen")
     cases = [
-        (["--gold", str(tmp_path / "nowhere")], "gold model"),
-        (["--gold", str(other)], "architecture differs"),
-        (["audit.attacks=[relearn,jailbreak]"], "unknown attack"),
+        (["--gold", str(tmp_path / "nowhere")], "gold model", True),
+        (["--gold", str(other)], "architecture differs", False),
+        (["audit.attacks=[relearn,jailbreak]"], "unknown attack", False),
     ]
-    for extra, message in cases:
+    for extra, message, fresh in cases:
         args = _audit_args(tmp_path / "out", bench0, VANILLA0)
         if extra[0] == "--gold":
             args[args.index("--gold") + 1] = extra[1]
         else:
             args += extra
-        proc = run_cli(args, cwd=REPO)
-        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsunlearn:")]
-        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+        if fresh:
+            proc = run_cli(args, cwd=REPO)
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsunlearn:")]
+            assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+            line = lines[0]
+        else:
+            line = main_error(capsys, args)
+        assert message in line, line
         assert not (tmp_path / "out" / "audit.json").exists()
 
 

@@ -8,7 +8,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_cli, unlearn_args
+from tests.conftest import main_error, run_cli, unlearn_args
 
 
 def _error_line(proc) -> str:
@@ -28,22 +28,35 @@ def test_data_build_and_help(tmp_path):
     "extra, message",
     [
         (["methods=[ga,forgetall]"], "unknown method 'forgetall'"),
-        (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
-        (["optim.batch_size=0"], "batch size must be at least 1"),
         (["methods=[ga,rmu]", "peft.lora.r=4"], "rmu changes the model's own weights, not LoRA"),
         (["methods=[manu]", "peft.lora.r=4"], "manu changes the model's own weights, not LoRA"),
     ],
 )
-def test_unlearn_config_errors(tmp_path, small_bench, random_vanilla, extra, message):
-    proc = run_cli(unlearn_args(tmp_path, small_bench, random_vanilla, *extra), tmp_path)
-    assert proc.returncode == 2
-    assert message in _error_line(proc)
+def test_unlearn_config_errors(capsys, tmp_path, small_bench, random_vanilla, extra, message):
+    line = main_error(capsys, unlearn_args(tmp_path, small_bench, random_vanilla, *extra))
+    assert message in line
 
 
-def test_missing_config_file(tmp_path):
-    proc = run_cli(["unlearn", "--config", str(tmp_path / "nope.yaml")], tmp_path)
+def test_unlearn_config_key_error_in_a_fresh_process(tmp_path, small_bench, random_vanilla):
+    """A config refusal through `python -m dsunlearn`: exit 2 and nothing on stderr but the
+    one line."""
+    args = unlearn_args(tmp_path, small_bench, random_vanilla, "optim.lrr=1")
+    proc = run_cli(args, tmp_path)
     assert proc.returncode == 2
-    assert "config file not found" in _error_line(proc)
+    assert proc.stderr.strip().splitlines() == [_error_line(proc)]
+    assert "unknown config key 'optim.lrr'" in _error_line(proc)
+
+
+def test_batch_size_error_once_the_ranks_started(tmp_path, small_bench, random_vanilla):
+    args = unlearn_args(tmp_path, small_bench, random_vanilla, "optim.batch_size=0")
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 2
+    assert "batch size must be at least 1" in _error_line(proc)
+
+
+def test_missing_config_file(capsys, tmp_path):
+    line = main_error(capsys, ["unlearn", "--config", str(tmp_path / "nope.yaml")])
+    assert "config file not found" in line
 
 
 def test_missing_data_path(tmp_path, random_vanilla):

@@ -72,6 +72,14 @@ def mmu_dir(tmp_path_factory):
     return write_mmubench_fixture(tmp_path_factory.mktemp("mmu") / "mmu", concepts=2)
 
 
+@pytest.fixture(scope="module")
+def mmu_vanilla(tmp_path_factory, mmu_dir, random_vanilla):
+    """The 1-rank MMUBench report of the random model with itself as vanilla: checked on its own
+    and the reference of the 2-rank run."""
+    tmp = tmp_path_factory.mktemp("mmu-vanilla")
+    return _eval(tmp, "mmubench", random_vanilla, mmu_dir, "--vanilla", str(random_vanilla))
+
+
 def _eval(tmp_path, benchmark, model, data, *extra):
     out = tmp_path / f"out-{benchmark}"
     args = ["eval", "--benchmark", benchmark, "--model", str(model), "--data", str(data)]
@@ -112,10 +120,8 @@ def test_clear(tmp_path, clear_dir, random_vanilla):
     _assert_mia(report, C.MIA_KEY)
 
 
-def test_mmubench_with_vanilla(tmp_path, mmu_dir, random_vanilla):
-    report, md = _eval(
-        tmp_path, "mmubench", random_vanilla, mmu_dir, "--vanilla", str(random_vanilla)
-    )
+def test_mmubench_with_vanilla(mmu_vanilla):
+    report, md = mmu_vanilla
     (row,) = report["methods"].values()
     assert set(row) == MMU_KEYS | {"mia_rouge_l_recall", "c_dis"}
     assert set(report["vanilla"]) == MMU_KEYS
@@ -224,23 +230,64 @@ def test_mmubench_mia_sets_empty_without_facts(mmu_dir):
     assert membership.mia_mink_auc(None, None, sets, EvalConfig(), None, U.MIA_KEY) == {}
 
 
+def _error_args(tmp_path, folder, model, benchmark, *extra) -> list[str]:
+    args = ["eval", "--benchmark", benchmark, "--model", str(model), "--data", str(folder)]
+    return [*args, "--out", str(tmp_path / "o"), *extra]
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("dsunlearn: error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     "benchmark, data, extra, message",
     [
-        ("nope", "clear", [], "unknown benchmark 'nope'"),
+        ("nope", "clear", [], "unknown benchmark 'nope'"),  # before the ranks join
         ("clear", "mmu", [], "config folder not found"),
         ("clear", "clear", ["--forget-pct", "15"], "CLEAR forget percentage must be one of"),
         ("mmubench", "clear", [], "concepts: folder not found"),
-        ("builtin", "mmu", [], "split folder not found"),
     ],
 )
-def test_errors(tmp_path, clear_dir, mmu_dir, random_vanilla, benchmark, data, extra, message):
+def test_errors(
+    tmp_path,
+    monkeypatch,
+    capsys,
+    clear_dir,
+    mmu_dir,
+    random_vanilla,
+    benchmark,
+    data,
+    extra,
+    message,
+):
+    """`dsunlearn eval` in this process: exit 2 and one line, no report. All but the unknown
+    benchmark are found after the ranks joined; here a 1-rank DistInfo stands in for the process
+    group, which pytest's process must not join (the real one: the fresh process below)."""
+    from dsunlearn.cli import main
+    from dsunlearn.engine.dist import DistInfo
+    from dsunlearn.recipes import evaluate_model
+
+    one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    monkeypatch.setattr(evaluate_model, "init_distributed", lambda: one)
+    monkeypatch.chdir(tmp_path)
     folder = {"clear": clear_dir, "mmu": mmu_dir}[data]
-    args = ["eval", "--benchmark", benchmark, "--model", str(random_vanilla)]
-    proc = run_cli([*args, "--data", str(folder), "--out", str(tmp_path / "o"), *extra], tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(_error_args(tmp_path, folder, random_vanilla, benchmark, *extra))
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err[-3000:]
+    assert message in _one_error_line(err)
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_error_after_the_ranks_joined_is_exit_2_and_one_line_in_a_fresh_process(
+    tmp_path, mmu_dir, random_vanilla
+):
+    """As a user sees it: the process joined its (1-rank) group before the data was read."""
+    proc = run_cli(_error_args(tmp_path, mmu_dir, random_vanilla, "builtin"), tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsunlearn: error:")]
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+    assert "split folder not found" in _one_error_line(proc.stderr)
     assert not (tmp_path / "o" / "report.json").exists()
 
 
@@ -257,12 +304,14 @@ def test_c_dis_is_concept_kl_of_the_full_distributions():
 
 
 @pytest.mark.slow
-def test_mmubench_two_ranks_give_the_one_rank_numbers(tmp_path, mmu_dir, random_vanilla):
+def test_mmubench_two_ranks_give_the_one_rank_numbers(
+    tmp_path, mmu_dir, random_vanilla, mmu_vanilla
+):
     """Generation, C-Dis's teacher-forced rows and min-k% scores are sharded over ranks and
-    gathered back: 2 ranks on ZeRO-3 must reproduce the 1-rank report."""
+    gathered back: 2 ranks on ZeRO-3 must reproduce the 1-rank report (the same arguments)."""
     from tests.conftest import run_deepspeed
 
-    one, _ = _eval(tmp_path, "mmubench", random_vanilla, mmu_dir, "--vanilla", str(random_vanilla))
+    one, _ = mmu_vanilla
     out = tmp_path / "two"
     args = ["eval", "--benchmark", "mmubench", "--model", str(random_vanilla), "--data"]
     args += [str(mmu_dir), "--vanilla", str(random_vanilla), "--out", str(out), *SMALL]

@@ -181,9 +181,17 @@ def _run(tmp_path, data, model, *extra):
     return report, (out / "report.md").read_text()
 
 
-def test_cli_reports_every_set(tmp_path, celeb_bench, random_vanilla):
+@pytest.fixture(scope="module")
+def every_set(tmp_path_factory, celeb_bench, random_vanilla):
+    """The 1-rank report of the random model with itself as vanilla and gold: checked on its
+    own and the reference of the 2-rank run (the protocol scores a model alike with or without
+    an original: `MllmuProtocol.score` does not read it)."""
     both = ("--vanilla", str(random_vanilla), "--gold", str(random_vanilla))
-    report, md = _run(tmp_path, celeb_bench, random_vanilla, *both)
+    return _run(tmp_path_factory.mktemp("every-set"), celeb_bench, random_vanilla, *both)
+
+
+def test_cli_reports_every_set(every_set, random_vanilla):
+    report, md = every_set
     assert_gold_verdicts(report, md)
     (row,) = report["methods"].values()
     assert set(row) == keys() and row == report["vanilla"]  # the same model twice
@@ -204,13 +212,12 @@ def test_cli_without_celebrities_says_so(tmp_path, small_bench, random_vanilla):
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_one_rank_numbers(tmp_path, celeb_bench, random_vanilla):
+def test_two_ranks_give_the_one_rank_numbers(tmp_path, celeb_bench, random_vanilla, every_set):
     """Items are sharded over ranks and gathered back: 2 ranks on ZeRO-3 must reproduce the
     1-rank report exactly (greedy generation, the same items)."""
     from tests.conftest import run_deepspeed
 
-    (tmp_path / "one").mkdir()
-    one, _ = _run(tmp_path / "one", celeb_bench, random_vanilla)
+    one, _ = every_set
     out = tmp_path / "two"
     args = ["eval", "--benchmark", "mllmu", "--model", str(random_vanilla)]
     args += ["--data", str(celeb_bench), "--out", str(out), "max_items=4", "gen_max_new_tokens=4"]
@@ -218,6 +225,7 @@ def test_two_ranks_give_the_one_rank_numbers(tmp_path, celeb_bench, random_vanil
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     two = json.loads((out / "report.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
+    assert list(two["methods"]) == list(one["methods"]) == ["vanilla (evaluated)"]
     (a,), (b,) = one["methods"].values(), two["methods"].values()
     assert set(a) == set(b) == keys()
     for k in a:

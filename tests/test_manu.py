@@ -1,5 +1,6 @@
 """MANU: the neurons it finds, its statistics, its choice, its pruning (1 process); 1 vs 2 ZeRO-3
-ranks prune the same neurons and zero exactly their rows (through the deepspeed launcher)."""
+ranks prune the same neurons and zero exactly their rows (1 rank: a plain `python -m dsunlearn`
+process; 2 ranks: through the deepspeed launcher)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dsunlearn.saliency.neurons import (
     prune,
     top_neurons,
 )
-from tests.conftest import REPO, run_deepspeed, unlearn_args
+from tests.conftest import REPO, run_cli, run_deepspeed, unlearn_args
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
 
@@ -162,9 +163,11 @@ def _manu_run(ranks, tmp_path, bench, vanilla) -> dict:
         "checkpoint.final=true",
         name=f"w{ranks}",
     )
-    proc = run_deepspeed(ranks, args, cwd=REPO)
+    proc = run_cli(args, cwd=REPO) if ranks == 1 else run_deepspeed(ranks, args, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((tmp_path / f"w{ranks}" / "report.json").read_text())
+    report = json.loads((tmp_path / f"w{ranks}" / "report.json").read_text())
+    assert report["world_size"] == ranks
+    return report
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from dsunlearn.models.lora import apply_lora
 from dsunlearn.saliency.compute import check_filter_admits, mask_filter, own_param_name
 from dsunlearn.saliency.store import load_mask, save_mask
 from kernels.mask_apply import unpack_mask
-from tests.conftest import DS_CONFIG, REPO, run_cli, run_deepspeed, save_random_tiny, unlearn_args
+from tests.conftest import REPO, main_error, run_cli, run_deepspeed, unlearn_args
 
 
 def test_paper_schedule_and_decay_moved_out_of_the_optimizer():
@@ -126,14 +126,12 @@ def _unlearn(tmp_path, bench, vanilla, name: str, *extra: str) -> list[str]:
     )
 
 
-def test_cli_errors(tmp_path, small_bench, random_vanilla):
-    proc = run_cli(
-        _unlearn(tmp_path, small_bench, random_vanilla, "e", "method.mmu_mask.modules=all"),
-        tmp_path,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "saliency modules must be one of" in proc.stderr.splitlines()[-1]
-    # LoRA adapts the language model only: a vision mask would select nothing.
+def test_cli_errors(capsys, tmp_path, small_bench, random_vanilla):
+    # Refused when the method is built, before any rank starts: in this process.
+    args = _unlearn(tmp_path, small_bench, random_vanilla, "e", "method.mmu_mask.modules=all")
+    assert "saliency modules must be one of" in main_error(capsys, args)
+    # LoRA adapts the language model only: a vision mask would select nothing. Refused once the
+    # model is built, in a fresh process (the real exit path).
     lora_vision = ("peft.lora.r=4", "method.mmu_mask.modules=vision")
     proc = run_cli(_unlearn(tmp_path, small_bench, random_vanilla, "e", *lora_vision), tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -142,22 +140,43 @@ def test_cli_errors(tmp_path, small_bench, random_vanilla):
     assert "LoRA adapts the language model's Linears only" in last
 
 
+# Run "a": the mask is computed, on the language model (the paper's default filter; demo.yaml
+# picks the vision tower's), and saved with the final checkpoint.
+MASK_RUN = ("checkpoint.final=true", "method.mmu_mask.modules=language")
+
+
+@pytest.fixture(scope="module")
+def mask_run(tmp_path_factory, small_bench, random_vanilla) -> Path:
+    """2 ranks: run "a" (MASK_RUN) of the mask tests; its output folder. Its checkpoint's mask
+    is also the mid-schedule test's."""
+    out = tmp_path_factory.mktemp("mmu")
+    proc = run_deepspeed(2, _unlearn(out, small_bench, random_vanilla, "a", *MASK_RUN), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _mask_tag(out: Path) -> tuple[Path, Path]:
+    """Run "a"'s method checkpoint folder and its latest tag folder (where the masks are)."""
+    save_dir = out / "a" / "checkpoints" / "mmunlearner"
+    return save_dir, save_dir / (save_dir / "latest").read_text().strip()
+
+
 @pytest.mark.slow
-def test_mask_is_saved_with_the_checkpoint_and_reloaded(tmp_path, small_bench, random_vanilla):
+def test_mask_is_saved_with_the_checkpoint_and_reloaded(
+    tmp_path, small_bench, random_vanilla, mask_run
+):
     """2 ranks: the run scores its mask, saves it beside the DeepSpeed checkpoint; a second run
     given that folder steps on the same mask (same threshold, same selection)."""
-    first = _unlearn(tmp_path, small_bench, random_vanilla, "a", "checkpoint.final=true")
-    proc = run_deepspeed(2, first, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    save_dir = tmp_path / "a" / "checkpoints" / "mmunlearner"
-    tag = save_dir / (save_dir / "latest").read_text().strip()
+    save_dir, tag = _mask_tag(mask_run)
     assert sorted(p.name for p in tag.glob("mask_rank*.pt")) == ["mask_rank0.pt", "mask_rank1.pt"]
-    info_a = json.loads((tmp_path / "a" / "report.json").read_text())["method_info"]
+    info_a = json.loads((mask_run / "a" / "report.json").read_text())["method_info"]
     info_a = info_a["mmunlearner"]
     assert info_a["source"] == "computed in this run" and 0 < info_a["selected_share"] < 1
 
     # The method's checkpoint folder stands for its latest complete checkpoint.
-    second = _unlearn(tmp_path, small_bench, random_vanilla, "b", f"method.mmu_mask_dir={save_dir}")
+    second = _unlearn(
+        tmp_path, small_bench, random_vanilla, "b", MASK_RUN[1], f"method.mmu_mask_dir={save_dir}"
+    )
     proc = run_deepspeed(2, second, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     info_b = json.loads((tmp_path / "b" / "report.json").read_text())["method_info"]
@@ -176,24 +195,21 @@ def test_mask_is_saved_with_the_checkpoint_and_reloaded(tmp_path, small_bench, r
 
 
 @pytest.mark.slow
-def test_no_forget_gradient_reaches_an_unselected_weight_mid_schedule(tmp_path, small_bench):
+def test_no_forget_gradient_reaches_an_unselected_weight_mid_schedule(
+    tmp_path, small_bench, random_vanilla, mask_run
+):
     """2 ranks, AdamW with weight decay 0.1, alternating masked forget / unmasked retain steps.
     Two runs that differ only in the last forget gradient end with every unselected weight
-    bit-identical; the retain steps' momentum does move them (the documented choice)."""
+    bit-identical; the retain steps' momentum does move them (the documented choice). The mask:
+    run "a"'s (language model, top 50 %), reloaded from its checkpoint."""
     from dsunlearn.engine.dist import free_port
     from dsunlearn.recipes.demo import launch_env
 
-    vanilla = save_random_tiny("tiny-llava", tmp_path / "vanilla")
-    masks = tmp_path / "mask"
-    args = ["saliency", f"vanilla={vanilla}", f"data.path={small_bench}", "max_units=2"]
-    args += ["mask.mode=topk", f"out_dir={masks}", f"deepspeed={DS_CONFIG}"]
-    proc = run_deepspeed(2, args, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
+    _, masks = _mask_tag(mask_run)
     out = tmp_path / "mixed.json"
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port())]
-    cmd += ["tests/ranks/mixed_schedule.py", str(vanilla), str(small_bench), str(masks)]
+    cmd += ["tests/ranks/mixed_schedule.py", str(random_vanilla), str(small_bench), str(masks)]
     cmd += [str(out), "2"]
     env = launch_env(2) | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -12,7 +12,7 @@ from dsunlearn.config import MaskConfig
 from dsunlearn.errors import ConfigError
 from dsunlearn.saliency.mask import build_masks, kth_largest
 from kernels.mask_apply import unpack_mask
-from tests.conftest import DS_CONFIG, REPO, run_deepspeed, save_random_tiny
+from tests.conftest import DS_CONFIG, REPO, run_cli, run_deepspeed
 
 CPU = torch.device("cpu")
 DS_OFFLOAD = str(REPO / "configs" / "deepspeed" / "zero3_cpu_offload.json")
@@ -99,7 +99,11 @@ def saliency(tmp_path_factory, small_bench, random_vanilla):
                 f"out_dir={out}",
                 f"deepspeed={DS_CONFIG}",
             ]
-            proc = run_deepspeed(world, args, cwd=REPO, timeout=600)
+            # 1 rank: a plain process (world size 1 without the launcher's two interpreters)
+            if world == 1:
+                proc = run_cli(args, cwd=REPO)
+            else:
+                proc = run_deepspeed(world, args, cwd=REPO, timeout=600)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             done[mode, world] = out
         return done[mode, world]
@@ -189,11 +193,12 @@ def test_masked_forget_steps_under_optimizer_offload_leave_unselected_weights_bi
 
 
 @pytest.mark.slow
-def test_paper_default_mask_is_language_linear_weights_with_a_heatmap(tmp_path, small_bench):
-    vanilla = save_random_tiny("tiny-llava", tmp_path / "vanilla")
+def test_paper_default_mask_is_language_linear_weights_with_a_heatmap(
+    tmp_path, small_bench, random_vanilla
+):
     out = tmp_path / "sal"
-    args = ["saliency", f"vanilla={vanilla}", f"data.path={small_bench}", "max_units=2"]
-    proc = run_deepspeed(1, [*args, f"out_dir={out}", f"deepspeed={DS_CONFIG}"], cwd=REPO)
+    args = ["saliency", f"vanilla={random_vanilla}", f"data.path={small_bench}", "max_units=2"]
+    proc = run_cli([*args, f"out_dir={out}", f"deepspeed={DS_CONFIG}"], cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     picked = {n: v["selected"] for n, v in summary["per_param"].items()}

@@ -15,7 +15,7 @@ from dsunlearn.methods import METHODS
 from dsunlearn.sweep.outcome import choose, objective_values, pareto_front, trial_outcome
 from dsunlearn.sweep.space import load_space
 from dsunlearn.sweep.worker import TrialLaunch, Worker, build_pruner, build_sampler, open_study
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, main_error
 
 BASE = to_dict(UnlearnConfig())
 
@@ -67,13 +67,12 @@ def test_space_errors(tmp_path, text, message):
     assert str(tmp_path / "space.yaml") in str(e.value) or "space file" in str(e.value)
 
 
-def test_space_error_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+def test_space_error_on_the_command_line_is_one_line_and_exit_2(tmp_path, capsys):
+    """`dsunlearn sweep` in this process: the space is read before any trial starts."""
     space = _space(tmp_path, "method: ga\nparams: {optim.lr: {type: float, low: 2, high: 1}}\n")
     args = ["sweep", "--config", str(REPO / "configs" / "demo.yaml"), "--space", str(space)]
-    proc = run_cli([*args, "--trials", "3", f"out_dir={tmp_path}"], tmp_path)
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsunlearn: error:")]
-    assert len(lines) == 1 and "empty range: low 2 must be below high 1" in lines[0], proc.stderr
+    line = main_error(capsys, [*args, "--trials", "3", f"out_dir={tmp_path}"])
+    assert "empty range: low 2 must be below high 1" in line
     assert not (tmp_path / "sweeps").exists()  # nothing started
 
 

@@ -14,7 +14,7 @@ from dsunlearn.engine.dist import DistInfo
 from dsunlearn.errors import ConfigError
 from dsunlearn.eval import utility as U
 from dsunlearn.eval.benchmarks.general import TINY_MODEL_NOTE
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, main_error, run_cli
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
 HEADLINE = {
@@ -52,13 +52,13 @@ def test_config_reads_utility_overrides() -> None:
         load_config(UnlearnConfig, None, ["eval.utility=pope"])
 
 
-def test_unknown_name_on_the_command_line_is_one_line(tmp_path: Path) -> None:
+def test_unknown_name_on_the_command_line_is_one_line(capsys) -> None:
+    """`dsunlearn unlearn` in this process (the config is read before any rank starts); the
+    same refusal path in a fresh process: tests/test_cli.py's unknown config key."""
     args = ["unlearn", "--config", str(REPO / "configs" / "demo.yaml"), "eval.utility=[nope]"]
-    proc = run_cli(args, tmp_path, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+    assert main_error(capsys, args) == (
         "dsunlearn: error: eval.utility: unknown benchmark 'nope' (known: pope, mmbench)"
-    ]
+    )
 
 
 def test_build_utility_none_and_unknown(tmp_path: Path) -> None:
