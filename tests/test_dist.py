@@ -129,3 +129,23 @@ def test_a_rank_exits_with_its_code_and_without_finalisation(ending, code, final
     assert ("finalised" in proc.stdout) == finalised, proc.stdout
     if ending == "failed":
         assert "dsunlearn: " in proc.stderr and proc.stderr.rstrip().endswith("x"), proc.stderr
+
+
+def test_logger_writes_to_the_stdout_of_the_moment(capsys):
+    """A logger first made while stdout was swapped (an in-process CLI call under a capture)
+    still logs once that stream is closed and stdout is back."""
+    import contextlib
+    import io
+
+    from dsunlearn.engine.dist import get_logger
+
+    swapped = io.StringIO()
+    with contextlib.redirect_stdout(swapped):
+        log = get_logger("dsunlearn.test_stdout")
+        log.info("while swapped")
+    swapped_text = swapped.getvalue()
+    swapped.close()
+    log.info("after")
+    out, err = capsys.readouterr()
+    assert "while swapped" in swapped_text
+    assert "after" in out and "Logging error" not in err, err

@@ -186,7 +186,9 @@ def test_wandb_offline_runs_hold_the_logged_history(wandb_offline_env, capfd):
     third.log({"npo/val/forget_vqa_acc": 0.5, "epoch": 3.0}, 5)
     third.close()
     printed = capfd.readouterr()
-    assert "wandb" not in printed.out + printed.err, printed  # silent
+    # wandb itself is silent; our own "tracking: BACKEND -> DIR" lines say where each run went
+    lines = (printed.out + printed.err).splitlines()
+    assert [ln for ln in lines if "wandb" in ln and " tracking: " not in ln] == [], printed
 
     runs = {}
     for name in ("a", "b", "c"):

@@ -183,11 +183,28 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to `sys.stdout` as it is at each record, not as it was when the logger was made:
+    a caller that swaps stdout for a while (pytest's capture, a notebook, `dsunlearn.cli.main`
+    called in process) leaves no handler on a closed stream once it puts stdout back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass  # StreamHandler.__init__ assigns one; the current stdout is always used
+
+
 def get_logger(name: str = "dsunlearn") -> logging.Logger:
     """A logger that prints on rank 0 only."""
     logger = logging.getLogger(name)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
