@@ -4,10 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dsunlearn-installed
 # pytest-xdist workers; a file's tests stay on one worker (module fixtures, the Slurm cluster).
-# A rank spends much of its life importing or waiting on a collective: two workers keep 2 cores busy.
+# A rank spends much of its life importing or waiting on a collective: more workers than cores.
 # Files go out longest first (tests/conftest.py orders them from tests/durations.json; refresh it
 # with `pytest -n 2 --dist loadfile --store-durations`), not xdist's default most-tests first.
-TEST_WORKERS ?= 2
+# Three workers, not two: with two, the cores sat idle 8% of the suite (ranks rendezvousing,
+# tests waiting on a signal or a Slurm poll); benchmarks/RESULTS.md has both timings.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test lint venv clean
 
