@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.dsunlearn-installed
 # pytest-xdist workers; a file's tests stay on one worker (module fixtures, the Slurm cluster).
 # A rank spends much of its life importing or waiting on a collective: more workers than cores.
 # Files go out longest first (tests/conftest.py orders them from tests/durations.json; refresh it
-# with `pytest -n 2 --dist loadfile --store-durations`), not xdist's default most-tests first.
+# with `pytest -n 3 --dist loadfile --store-durations`), not xdist's default most-tests first.
 # Three workers, not two: with two, the cores sat idle 8% of the suite (ranks rendezvousing,
 # tests waiting on a signal or a Slurm poll); benchmarks/RESULTS.md has both timings.
 TEST_WORKERS ?= 3
