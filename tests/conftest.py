@@ -157,6 +157,25 @@ def run_deepspeed(ranks: int, args: list[str], cwd: Path, timeout: int = 600, **
     )
 
 
+def zero3_build_and_step(families: list[str]) -> dict[str, int]:
+    """tests/ranks/zero3_build_step.py over `families` in one fresh process (world size 1 over
+    gloo): every family passed its checks; family -> parameter count the script reported."""
+    from dsunlearn.engine.dist import free_port
+
+    env = cli_env(TEST_PORT=str(free_port()), PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ranks" / "zero3_build_step.py"), *families],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]  # ends with "ZERO3_FAIL <family>"
+    ok = [line.split() for line in proc.stdout.splitlines() if line.startswith("ZERO3_OK ")]
+    return {name: int(total) for _, name, total in ok}
+
+
 def rerun_under_interpreter(test_file: str, keyword: str) -> None:
     """Run `test_file -k keyword` in a fresh process with TRITON_INTERPRET=1 and require that
     every selected test passed. The interpreter must be on before triton is first imported, which

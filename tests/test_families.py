@@ -4,11 +4,6 @@ and the one-line refusal of an unsupported architecture; ZeRO-3 (1 rank) for the
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 from functools import cache
 
 import numpy as np
@@ -36,7 +31,7 @@ from dsunlearn.models.families import FAMILIES as TABLE
 from dsunlearn.models.families import GROUPS, family_of, family_of_arch, family_of_config
 from dsunlearn.models.loader import block_linears
 from dsunlearn.models.lora import apply_lora, default_lora_targets
-from tests.conftest import REPO
+from tests.conftest import zero3_build_and_step
 
 FAMILIES = list(TINY_MODELS)  # tiny-llava, tiny-qwen2-vl, tiny-llava-next, tiny-idefics3
 NEW_FAMILIES = ["tiny-llava-next", "tiny-idefics3"]
@@ -310,72 +305,13 @@ def test_unsupported_architecture_is_refused_with_the_supported_list(tmp_path):
         _assert_lists_supported(str(e.value))
 
 
-_ZERO3_SCRIPT = textwrap.dedent(
-    """
-    import os, sys, traceback
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"], RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
-    import torch
-    from dsunlearn.engine.dist import init_distributed
-    init_distributed()  # gloo on CPU, and no JIT build of DeepSpeed's shm op (see dist.py)
-    from dsunlearn.models import encode_for_loss, load_model_and_processor
-    from PIL import Image
-
-    def check(name):
-        ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}
-        plain = dict(load_model_and_processor(name, seed=5)[0].named_parameters())
-        model, processor = load_model_and_processor(name, ds_config=ds, seed=5)
-        params = list(model.parameters())
-        assert all(hasattr(p, "ds_numel") for p in params)
-        assert sum(p.numel() for p in params) == 0  # partitioned at construction
-        total = sum(p.ds_numel for p in params)
-        with deepspeed.zero.GatheredParameters(params):  # same seed, same weights as without ZeRO
-            assert all(torch.equal(p, plain[k]) for k, p in model.named_parameters())
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config={
-            **ds, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
-        batch = encode_for_loss(processor, ["Who is this person?"] * 2,
-                                [Image.new("RGB", (32, 32), (200, 30, 30)), None],
-                                ["Alder Quinby"] * 2)
-        losses = []
-        for _ in range(2):
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0], losses
-        return total
-
-    for name in sys.argv[1:]:  # each family in turn, in this one process
-        try:
-            total = check(name)
-        except BaseException:
-            traceback.print_exc()
-            sys.exit(f"ZERO3_FAIL {name}")
-        print("ZERO3_OK", name, total, flush=True)
-    """
-)
-
-
 @pytest.mark.slow
 def test_zero3_one_rank_build_and_step():
     """World size 1 over gloo, every family of NEW_FAMILIES in turn in one subprocess (so
     torch.distributed state cannot leak into this one): built partitioned with the same
     weights as without ZeRO, and two optimizer steps lower the loss."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TEST_PORT": str(port), "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _ZERO3_SCRIPT, *NEW_FAMILIES],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]  # ends with "ZERO3_FAIL <family>"
+    reported = zero3_build_and_step(NEW_FAMILIES)
     for name in NEW_FAMILIES:
         model, _ = _loaded(name)
         total = sum(p.numel() for p in model.parameters())
-        assert f"ZERO3_OK {name} {total}" in proc.stdout.splitlines(), (name, proc.stdout[-3000:])
+        assert reported.get(name) == total, (name, reported)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from functools import cache
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from dsunlearn.models import (
     sequence_nll,
 )
 from dsunlearn.models.tiny import QWEN_SPECIALS, TINY_BPE_VOCAB_SIZE, build_tiny_bpe_tokenizer
+from tests.conftest import zero3_build_and_step
 
 FAMILIES = sorted(TINY_MODELS)
 WORD_LEVEL = ("tiny-llava", "tiny-llava-next")  # the others use byte-level BPE
@@ -355,55 +355,9 @@ def test_tiny_llava_learns_image_dependent_answers():
     assert sum(s == a for s, a in zip(said, answers, strict=True)) >= 7, said
 
 
-_ZERO3_SCRIPT = textwrap.dedent(
-    """
-    import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"], RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
-    import torch
-    from dsunlearn.engine.dist import init_distributed
-    init_distributed()  # gloo on CPU, and no JIT build of DeepSpeed's shm op (see dist.py)
-    from dsunlearn.models import encode_for_loss, load_model_and_processor
-    from PIL import Image
-    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}
-    plain = dict(load_model_and_processor("tiny-llava", seed=5)[0].named_parameters())
-    model, processor = load_model_and_processor("tiny-llava", ds_config=ds, seed=5)
-    params = list(model.parameters())
-    assert all(hasattr(p, "ds_numel") for p in params)
-    assert sum(p.numel() for p in params) == 0  # partitioned at construction
-    total = sum(p.ds_numel for p in params)
-    with deepspeed.zero.GatheredParameters(params):  # same seed, same weights as without ZeRO
-        assert all(torch.equal(p, plain[k]) for k, p in model.named_parameters())
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config={
-        **ds, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
-    batch = encode_for_loss(processor, ["Who is this person?"] * 2,
-                            [Image.new("RGB", (32, 32)), None], ["Alder Quinby"] * 2)
-    loss = engine(**batch).loss
-    engine.backward(loss)
-    engine.step()
-    assert torch.isfinite(loss)
-    print("ZERO3_OK", total)
-    """
-)
-
-
 def test_tiny_llava_zero3_init_partitions_parameters():
-    """World size 1 over gloo, in a subprocess so torch.distributed state cannot leak."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TEST_PORT": str(port), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _ZERO3_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """World size 1 over gloo, in a subprocess: built partitioned, same weights as without
+    ZeRO, two steps lower the loss (tests/ranks/zero3_build_step.py)."""
+    reported = zero3_build_and_step(["tiny-llava"])
     model, _ = _loaded("tiny-llava")
-    assert f"ZERO3_OK {sum(p.numel() for p in model.parameters())}" in proc.stdout
+    assert reported == {"tiny-llava": sum(p.numel() for p in model.parameters())}
